@@ -1,0 +1,1 @@
+"""Metering: SSE decoding, usage extraction, offline token estimates, and the stream tap."""

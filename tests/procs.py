@@ -1,0 +1,132 @@
+"""Real-process helpers for tests: redis-server and uvicorn processes on ephemeral loopback ports.
+
+Tests use real servers, never fakes: a redis-server started here on a free port (and stopped), and
+`meterproxy serve` / `meterproxy simulate` as subprocesses reached over sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """An ephemeral loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts on 127.0.0.1:port, or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class RedisServer:
+    """A real redis-server on an ephemeral loopback port, in its own temp dir."""
+
+    def __init__(self, port: int | None = None, extra: Sequence[str] = ()) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="mp-redis-")
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not installed: run `make test`, which installs it")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Proc:
+    """A `meterproxy` subcommand run as a real process; output captured to a file."""
+
+    def __init__(self, args: Sequence[str], port: int, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.log = tempfile.NamedTemporaryFile(prefix="mp-proc-", suffix=".log", delete=False)
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meterproxy", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
+        )
+
+    def wait_ready(self, timeout: float = 20.0) -> Proc:
+        try:
+            wait_port(self.port, timeout, self.proc)
+        except Exception as exc:
+            raise RuntimeError(f"{exc}\n--- log ---\n{self.output()}") from exc
+        return self
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def simulator(*extra: str) -> Iterator[Proc]:
+    """`meterproxy simulate` on a free port."""
+    port = free_port()
+    p = Proc(["simulate", "--port", str(port), *extra], port).wait_ready()
+    try:
+        yield p
+    finally:
+        p.stop()
