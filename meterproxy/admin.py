@@ -1,0 +1,112 @@
+"""The small JSON endpoints: /usage for a client key, /admin/usage and /admin/usage/records."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, date, datetime
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from meterproxy.auth import authenticate, is_admin
+from meterproxy.errors import AdminOnly, AuthError, InvalidRequest, ProxyError, StoreUnavailable
+from meterproxy.limits import StoreError
+from meterproxy.state import AppState
+
+GROUP_FIELDS = ("user", "key", "model", "provider", "day")
+
+
+def error_response(err: ProxyError) -> Response:
+    headers = {k.decode(): v.decode() for k, v in err.headers()}
+    return Response(err.body(), status_code=err.status, headers=headers,
+                    media_type="application/json")
+
+
+def parse_when(value: str | None, name: str, end: bool = False) -> datetime | None:
+    """ISO date or datetime, UTC. A bare `until` date includes that whole day."""
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            d = date.fromisoformat(value)
+            dt = datetime(d.year, d.month, d.day, tzinfo=UTC)
+            return dt.replace(hour=23, minute=59, second=59, microsecond=999999) if end else dt
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidRequest(f"{name}: not an ISO date or datetime", param=name) from exc
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.mp
+    return state
+
+
+async def usage(request: Request) -> Response:
+    state = _state(request)
+    cfg = state.config
+    try:
+        p = authenticate(cfg, request.headers.raw)
+        summary = await state.ledger.summary(p.key_id, p.user, time.time())
+        limits = await state.limiter.status(p.key_id, p.user, p.limits, p.user_limits)
+    except ProxyError as err:
+        return error_response(err)
+    except StoreError as exc:
+        state.health.failed(exc.operation, exc)
+        return error_response(StoreUnavailable("The usage store is unavailable."))
+    return JSONResponse({"key": p.key_id, "user": p.user, **summary, "limits": limits})
+
+
+def _require_admin(request: Request) -> None:
+    state = _state(request)
+    if not is_admin(state.config, request.headers.raw):
+        if state.config.raw.admin.key_sha256 is None:
+            raise AdminOnly("The admin API is disabled: set admin.key_sha256 in the config.")
+        # Client keys are valid keys but not admin keys: 403; anything else 401.
+        try:
+            authenticate(state.config, request.headers.raw)
+        except AuthError:
+            raise
+        raise AdminOnly("This endpoint requires the admin key.") from None
+
+
+async def admin_usage(request: Request) -> Response:
+    state = _state(request)
+    q = request.query_params
+    try:
+        _require_admin(request)
+        group_by = [g for g in q.get("group_by", "").split(",") if g]
+        bad = [g for g in group_by if g not in GROUP_FIELDS]
+        if bad:
+            raise InvalidRequest(f"group_by: unknown field {bad[0]!r}; use {','.join(GROUP_FIELDS)}",
+                                 param="group_by")
+        result = await state.ledger.query(
+            user=q.get("user") or None, key=q.get("key") or None, model=q.get("model") or None,
+            provider=q.get("provider") or None, since=parse_when(q.get("since"), "since"),
+            until=parse_when(q.get("until"), "until", end=True), group_by=group_by)
+    except ProxyError as err:
+        return error_response(err)
+    except StoreError as exc:
+        state.health.failed(exc.operation, exc)
+        return error_response(StoreUnavailable("The usage store is unavailable."))
+    return JSONResponse(result)
+
+
+async def admin_records(request: Request) -> Response:
+    state = _state(request)
+    q = request.query_params
+    try:
+        _require_admin(request)
+        try:
+            limit = int(q.get("limit", "100"))
+        except ValueError as exc:
+            raise InvalidRequest("limit: must be an integer", param="limit") from exc
+        if not 1 <= limit <= 10_000:
+            raise InvalidRequest("limit: must be between 1 and 10000", param="limit")
+        result = await state.ledger.records(q.get("since_id") or None, limit)
+    except ProxyError as err:
+        return error_response(err)
+    except StoreError as exc:
+        state.health.failed(exc.operation, exc)
+        return error_response(StoreUnavailable("The usage store is unavailable."))
+    return JSONResponse(result)

@@ -1,0 +1,154 @@
+"""create_app(config_path): the ASGI application, assembled in one place.
+
+The provider routes are served by the raw ASGI `ProxyRoute` (the hot path); a plain path-dispatch
+in front sends only the handful of small endpoints (health, metrics, usage, admin) to Starlette,
+whose lifespan owns every long-lived resource: upstream client, store clients, ledger writer,
+config reloader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from meterproxy import admin
+from meterproxy.auth import is_admin
+from meterproxy.config import Config, load_config
+from meterproxy.errors import AdminOnly
+from meterproxy.forward import ProxyRoute
+from meterproxy.labels import ModelLabels
+from meterproxy.ledger import Ledger, memory_store, redis_store
+from meterproxy.limits import Limiter
+from meterproxy.limits.memory import MemoryLimiter
+from meterproxy.limits.redis import RedisLimiter, make_redis_client
+from meterproxy.metrics import Metrics, make_registry, render_latest
+from meterproxy.reload import Reloader
+from meterproxy.runs import MemoryRuns, RedisRuns, RunRegistry
+from meterproxy.state import AppState, StoreHealth
+from meterproxy.upstream import Upstream
+
+log = logging.getLogger("meterproxy")
+
+_SMALL = frozenset({"/healthz", "/readyz", "/metrics", "/usage", "/admin/usage",
+                    "/admin/usage/records"})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state: AppState | None = getattr(request.app.state, "mp", None)
+    if state is None:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    ping = getattr(request.app.state, "ping", None)
+    if ping is not None:
+        try:
+            await ping()
+        except Exception as exc:  # any store failure means "not ready"
+            return JSONResponse({"status": "store unavailable", "error": type(exc).__name__},
+                                status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    state: AppState = request.app.state.mp
+    if state.config.server.metrics_require_admin and not is_admin(state.config, request.headers.raw):
+        return admin.error_response(AdminOnly("/metrics requires the admin key."))
+    body, ctype = render_latest(request.app.state.registry)
+    return Response(body, media_type=ctype)
+
+
+class MeterProxy:
+    """Top-level ASGI app: small endpoints to Starlette, everything else to the proxy route."""
+
+    def __init__(self, config: Config, config_path: str | None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.starlette = Starlette(routes=[
+            Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
+            Route("/usage", admin.usage), Route("/admin/usage", admin.admin_usage),
+            Route("/admin/usage/records", admin.admin_records),
+        ], lifespan=self._lifespan)
+        self.proxy: ProxyRoute | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in _SMALL and self.proxy is not None:
+            await self.proxy(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        cfg = self.config
+        registry = make_registry()
+        m = Metrics(registry)
+        upstream = Upstream(cfg.server.connect_timeout_s)
+        await upstream.start()
+        clients: list[Any] = []
+        limiter: Limiter
+        runs: RunRegistry
+        if cfg.store.url:
+            fast = make_redis_client(cfg.store.url, cfg.store.timeout_ms / 1000)
+            # Ledger batches are larger than an admission: give them more time per call.
+            slow = make_redis_client(cfg.store.url, max(cfg.store.timeout_ms / 1000, 2.0))
+            clients += [fast, slow]
+            limiter = RedisLimiter(fast, lease_ttl_s=cfg.store.lease_ttl_s)
+            ledger_store = redis_store(slow)
+            runs = RedisRuns(fast)
+            app.state.ping = fast.ping
+        else:
+            limiter = MemoryLimiter(lease_ttl_s=cfg.store.lease_ttl_s)
+            ledger_store = memory_store()
+            runs = MemoryRuns()
+            app.state.ping = None
+        health = StoreHealth(m)
+        ledger = Ledger(ledger_store, on_backlog=m.backlog.set, max_backlog=cfg.store.max_backlog,
+                        on_store_error=lambda op: health.failed(op, RuntimeError(op)))
+        await ledger.start()
+        state = AppState(config=cfg, upstream=upstream, limiter=limiter, ledger=ledger, runs=runs,
+                         metrics=m, labels=ModelLabels(cfg.server.max_model_labels), health=health)
+        app.state.mp = state
+        app.state.registry = registry
+        self.proxy = ProxyRoute(state)
+        reloader = Reloader(state, self.config_path) if self.config_path else None
+        if reloader is not None:
+            reloader.start()
+        if cfg.server.metrics_port is not None:
+            try:
+                start_http_server(cfg.server.metrics_port, cfg.server.metrics_host, registry)
+            except OSError as exc:  # with --workers N, one worker holds the port; the view is shared
+                log.info("metrics listener not started in pid %d: %s", os.getpid(), exc)
+        try:
+            yield
+        finally:
+            if reloader is not None:
+                await reloader.stop()
+            if not await ledger.drain(cfg.server.shutdown_grace_s or 5.0):
+                log.error("shutdown: %d usage records could not be written to the store",
+                          ledger.backlog)
+            await ledger.close(1.0)
+            await limiter.close()
+            await upstream.close()
+            for c in clients:
+                with contextlib.suppress(Exception):
+                    await c.aclose()
+
+
+def create_app(config_path: str) -> MeterProxy:
+    """The application for a config file (validated now; raises ConfigError)."""
+    return MeterProxy(load_config(config_path), config_path)
+
+
+def app_from_env() -> MeterProxy:
+    """uvicorn factory for `--workers N`: each worker process reads METERPROXY_CONFIG."""
+    return create_app(os.environ["METERPROXY_CONFIG"])

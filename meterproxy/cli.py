@@ -1,0 +1,130 @@
+"""Command line: serve, check-config, new-key, simulate, usage (SPEC.md "Commands")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from meterproxy.auth import key_hash
+from meterproxy.config import ConfigError, load_config, summary
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid config", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    host = args.host or cfg.server.host
+    port = args.port if args.port is not None else cfg.server.port
+    workers = max(args.workers, 1)
+    logging.basicConfig(level=os.environ.get("METERPROXY_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    common: dict[str, Any] = dict(
+        host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=False, log_level="warning", server_header=False, date_header=False,
+        timeout_graceful_shutdown=cfg.server.shutdown_grace_s, timeout_keep_alive=75,
+        backlog=4096,
+    )
+    if workers == 1:
+        from meterproxy.app import MeterProxy
+
+        uvicorn.run(MeterProxy(cfg, args.config), **common)
+        return 0
+    # Several workers: one /metrics for all of them through prometheus-client's multiprocess mode.
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    owned = mp_dir is None
+    if owned:
+        mp_dir = tempfile.mkdtemp(prefix="meterproxy-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    os.environ["METERPROXY_CONFIG"] = os.path.abspath(args.config)
+    try:
+        uvicorn.run("meterproxy.app:app_from_env", factory=True, workers=workers, **common)
+    finally:
+        if owned and mp_dir:
+            shutil.rmtree(mp_dir, ignore_errors=True)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    print(summary(cfg))
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    key = "mp-" + secrets.token_urlsafe(32)
+    print(f"key:    {key}")
+    print("config: (paste under keys:)")
+    print(f'  - {{id: {args.id}, user: {args.user or args.id}, sha256: "{key_hash(key)}"}}')
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from meterproxy import simulator
+
+    simulator.run(args.host, args.port, chunk_delay_ms=args.chunk_delay_ms)
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from meterproxy.usage_cli import run_usage
+
+    return asyncio.run(run_usage(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meterproxy", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", required=True)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(fn=_serve)
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("file")
+    c.set_defaults(fn=_check)
+    k = sub.add_parser("new-key", help="print a new client key and its config line")
+    k.add_argument("--id", required=True)
+    k.add_argument("--user")
+    k.set_defaults(fn=_new_key)
+    m = sub.add_parser("simulate", help="run the local simulated provider")
+    m.add_argument("--port", type=int, default=9000)
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    m.set_defaults(fn=_simulate)
+    u = sub.add_parser("usage", help="print the usage ledger as a table")
+    u.add_argument("--config", required=True)
+    u.add_argument("--user")
+    u.add_argument("--key")
+    u.add_argument("--since")
+    u.add_argument("--until")
+    u.add_argument("--group-by", default="user,key,model")
+    u.add_argument("--url", help="proxy URL, for the in-process store (default: from the config)")
+    u.add_argument("--admin-key", default=os.environ.get("METERPROXY_ADMIN_KEY"),
+                   help="admin key for --url (default: $METERPROXY_ADMIN_KEY)")
+    u.set_defaults(fn=_usage)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.fn(args)
+    return rc

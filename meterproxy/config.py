@@ -1,0 +1,371 @@
+"""Config: YAML with ${ENV} substitution → validated, frozen Config (SPEC.md "Config file").
+
+Every error is reported as `path.to.field: message`, all at once, so an operator fixes a file in
+one pass. Derived lookup tables (key hash → Principal, path prefix → provider) are built here,
+once per load, so the request path does dict lookups only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from meterproxy.limits import Limits
+from meterproxy.pricing import Price, PriceTable
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(Exception):
+    """An invalid config; `errors` holds every problem as `path.to.field: message`."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    upstream_timeout_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # Reservation for requests that name no max_tokens: admission must reserve something.
+    default_max_tokens: int = Field(4096, ge=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # Where /metrics is served: "main" (same listener), or a separate port on `metrics_host`.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Require the admin key for /metrics on the main listener.
+    metrics_require_admin: bool = False
+    # Distinct model label values per process before further ones become "other".
+    max_model_labels: int = Field(200, ge=1)
+
+
+class StoreConfig(_Model):
+    url: str | None = None
+    on_error: Literal["open", "closed"] = "open"
+    timeout_ms: int = Field(250, gt=0)
+    lease_ttl_s: float = Field(900.0, gt=0)
+    max_backlog: int = Field(1_000_000, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "redis+cluster://", "unix://")):
+            raise ValueError("must start with redis://, rediss://, redis+cluster:// or unix://")
+        return v
+
+
+class AdminConfig(_Model):
+    key_sha256: str | None = None
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not _HEX64.match(v):
+            raise ValueError("must be 64 lowercase hex characters (sha256 of the admin key)")
+        return v
+
+
+class AuthHeader(_Model):
+    header: str = Field(min_length=1)
+    value: str = Field(min_length=1)
+
+
+class AsyncRuns(_Model):
+    poll_path: str
+    ttl_s: float = Field(86400.0, gt=0)
+
+    @field_validator("poll_path")
+    @classmethod
+    def _uid(cls, v: str) -> str:
+        if "{uid}" not in v or not v.startswith("/"):
+            raise ValueError("must start with / and contain {uid}")
+        return v
+
+
+class ProviderConfig(_Model):
+    base_url: str
+    paths: list[str] = Field(min_length=1)
+    auth: AuthHeader | None = None
+    stream_by_default: bool = False
+    async_runs: AsyncRuns | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith("/"):
+                raise ValueError(f"path prefix {p!r} must start with /")
+        return v
+
+
+class PriceConfig(_Model):
+    input: Decimal = Field(ge=0)
+    output: Decimal = Field(ge=0)
+    cached_input: Decimal | None = Field(None, ge=0)
+
+
+class LimitsConfig(_Model):
+    rpm: int | None = Field(None, ge=0)
+    tpm: int | None = Field(None, ge=0)
+    concurrency: int | None = Field(None, ge=0)
+    daily_tokens: int | None = Field(None, ge=0)
+    monthly_tokens: int | None = Field(None, ge=0)
+    daily_usd: Decimal | None = Field(None, ge=0)
+    monthly_usd: Decimal | None = Field(None, ge=0)
+
+
+class UserConfig(_Model):
+    plan: str | None = None
+    limits: LimitsConfig | None = None
+
+
+class KeyConfig(_Model):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    user: str = Field(min_length=1)
+    sha256: str
+    plan: str | None = None
+    limits: LimitsConfig | None = None
+    models: list[str] | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not _HEX64.match(v):
+            raise ValueError("must be 64 lowercase hex characters (see `meterproxy new-key`)")
+        return v
+
+
+class RawConfig(_Model):
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    admin: AdminConfig = AdminConfig()
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+    pricing: dict[str, PriceConfig] = {}
+    plans: dict[str, LimitsConfig] = {}
+    users: dict[str, UserConfig] = {}
+    keys: list[KeyConfig] = []
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a key is: resolved once at config load so auth is one dict lookup."""
+
+    key_id: str
+    user: str
+    limits: Limits
+    user_limits: Limits
+    models: tuple[str, ...] | None
+
+    def allows_model(self, model: str) -> bool:
+        if self.models is None:
+            return True
+        return any(fnmatch.fnmatchcase(model, pat) for pat in self.models)
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    base_url: str
+    auth_header: bytes | None    # lowercased header name
+    auth_value: bytes | None
+    stream_by_default: bool
+    poll_prefix: str | None      # async runs: poll path up to {uid}
+    poll_suffix: str
+    runs_ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    raw: RawConfig
+    source: str
+    principals: Mapping[str, Principal]        # sha256 hex → Principal
+    routes: tuple[tuple[str, Provider], ...]   # (prefix, provider), longest prefix first
+    prices: PriceTable
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.raw.server
+
+    @property
+    def store(self) -> StoreConfig:
+        return self.raw.store
+
+    def route(self, path: str) -> Provider | None:
+        for prefix, provider in self.routes:
+            if path.startswith(prefix):
+                return provider
+        return None
+
+
+def _nano(usd: Decimal | None) -> int | None:
+    return None if usd is None else int(usd * 1_000_000_000)
+
+
+def _merge(*layers: LimitsConfig | None) -> Limits:
+    """Later layers override earlier ones field by field (plan, then the key's own limits)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is not None:
+            merged.update(layer.model_dump(exclude_none=True))
+    return Limits(
+        rpm=merged.get("rpm"), tpm=merged.get("tpm"), concurrency=merged.get("concurrency"),
+        daily_tokens=merged.get("daily_tokens"), monthly_tokens=merged.get("monthly_tokens"),
+        daily_usd_nano=_nano(merged.get("daily_usd")), monthly_usd_nano=_nano(merged.get("monthly_usd")),
+    )
+
+
+def substitute_env(node: Any, env: Mapping[str, str], path: str, errors: list[str]) -> Any:
+    """Replace ${NAME} in every string of the parsed YAML; a missing variable is an error naming it."""
+    if isinstance(node, str):
+        def repl(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                errors.append(f"{path or '<root>'}: environment variable {name} is not set")
+                return ""
+            return env[name]
+        return _ENV_RE.sub(repl, node)
+    if isinstance(node, dict):
+        return {k: substitute_env(v, env, f"{path}.{k}" if path else str(k), errors)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute_env(v, env, f"{path}.{i}", errors) for i, v in enumerate(node)]
+    return node
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _cross_check(raw: RawConfig) -> list[str]:
+    errors: list[str] = []
+    for name, user in raw.users.items():
+        if user.plan is not None and user.plan not in raw.plans:
+            errors.append(f"users.{name}.plan: unknown plan {user.plan!r}")
+    seen_ids: dict[str, int] = {}
+    seen_hash: dict[str, int] = {}
+    for i, key in enumerate(raw.keys):
+        if key.plan is not None and key.plan not in raw.plans:
+            errors.append(f"keys.{i}.plan: unknown plan {key.plan!r}")
+        if key.id in seen_ids:
+            errors.append(f"keys.{i}.id: duplicate key id {key.id!r} (also keys.{seen_ids[key.id]})")
+        seen_ids.setdefault(key.id, i)
+        if key.sha256 in seen_hash:
+            errors.append(f"keys.{i}.sha256: same key hash as keys.{seen_hash[key.sha256]}")
+        seen_hash.setdefault(key.sha256, i)
+        if raw.admin.key_sha256 is not None and key.sha256 == raw.admin.key_sha256:
+            errors.append(f"keys.{i}.sha256: a client key must not be the admin key")
+    owner: dict[str, str] = {}
+    for name, prov in raw.providers.items():
+        for j, prefix in enumerate(prov.paths):
+            if prefix in owner:
+                errors.append(f"providers.{name}.paths.{j}: prefix {prefix!r} already "
+                              f"routed to provider {owner[prefix]!r}")
+            owner.setdefault(prefix, name)
+    return errors
+
+
+def _build(raw: RawConfig, source: str) -> Config:
+    principals: dict[str, Principal] = {}
+    for key in raw.keys:
+        user_cfg = raw.users.get(key.user)
+        plan_of_user = raw.plans.get(user_cfg.plan) if user_cfg and user_cfg.plan else None
+        principals[key.sha256] = Principal(
+            key_id=key.id, user=key.user,
+            limits=_merge(raw.plans.get(key.plan) if key.plan else None, key.limits),
+            user_limits=_merge(plan_of_user, user_cfg.limits if user_cfg else None),
+            models=tuple(key.models) if key.models is not None else None,
+        )
+    routes: list[tuple[str, Provider]] = []
+    for name, p in raw.providers.items():
+        prefix, suffix = (None, "")
+        if p.async_runs is not None:
+            prefix, _, suffix = p.async_runs.poll_path.partition("{uid}")
+        provider = Provider(
+            name=name, base_url=p.base_url,
+            auth_header=p.auth.header.lower().encode() if p.auth else None,
+            auth_value=p.auth.value.encode() if p.auth else None,
+            stream_by_default=p.stream_by_default, poll_prefix=prefix, poll_suffix=suffix,
+            runs_ttl_s=p.async_runs.ttl_s if p.async_runs else 86400.0,
+        )
+        routes.extend((path, provider) for path in p.paths)
+    routes.sort(key=lambda r: len(r[0]), reverse=True)
+    prices = PriceTable({
+        model: Price(input=pc.input, output=pc.output,
+                     cached_input=pc.cached_input if pc.cached_input is not None else pc.input)
+        for model, pc in raw.pricing.items()
+    })
+    return Config(raw=raw, source=source, principals=principals, routes=tuple(routes), prices=prices)
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
+    """Parse and validate YAML text; raise ConfigError listing every problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"<root>: invalid YAML: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(["<root>: the config must be a YAML mapping"])
+    errors: list[str] = []
+    data = substitute_env(data, os.environ if env is None else env, "", errors)
+    try:
+        raw = RawConfig.model_validate(data)
+    except ValidationError as exc:
+        errors.extend(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(errors) from exc
+    errors.extend(_cross_check(raw))
+    if errors:
+        raise ConfigError(errors)
+    return _build(raw, source)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError([f"<file>: cannot read {p}: {exc.strerror}"]) from exc
+    return parse_config(text, env, str(p))
+
+
+def summary(cfg: Config) -> str:
+    """One screen describing a loaded config, for `check-config`."""
+    r = cfg.raw
+    lines = [f"config OK: {cfg.source}",
+             f"  store: {'redis ' + _redact(r.store.url) if r.store.url else 'in-process'} "
+             f"(on_error: {r.store.on_error})",
+             f"  providers: {len(r.providers)}"]
+    lines += [f"    {n}: {p.base_url} paths={','.join(p.paths)}" for n, p in r.providers.items()]
+    lines += [f"  priced models: {len(r.pricing)}", f"  plans: {', '.join(r.plans) or '-'}",
+              f"  users: {len(r.users)}", f"  keys: {len(r.keys)}",
+              f"  admin key: {'set' if r.admin.key_sha256 else 'not set (/admin/* disabled)'}"]
+    return "\n".join(lines)
+
+
+def _redact(url: str | None) -> str:
+    """Hide a password in a store URL."""
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url or "")

@@ -1,0 +1,143 @@
+"""After the last byte: decide the request's usage (provider's, or estimated), settle the
+reservation, write the ledger record and the metrics. Runs in the handler's `finally`, so errors,
+broken streams and client disconnects are metered too; nothing here delays the client's response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+
+from meterproxy.auth import authenticate
+from meterproxy.config import Config
+from meterproxy.errors import ProxyError
+from meterproxy.ledger import UsageRecord
+from meterproxy.limits import StoreError
+from meterproxy.metering.body import text_in_json
+from meterproxy.metering.estimate import estimate_completion, estimate_prompt
+from meterproxy.metering.scan import StreamScanner
+from meterproxy.metering.usage import Usage
+from meterproxy.pricing import nano_to_usd
+from meterproxy.request import Call
+from meterproxy.state import AppState
+
+log = logging.getLogger("meterproxy")
+
+CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
+_BIG_PROMPT = 32_768  # bytes of body beyond which tokenising moves off the event loop
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened on the wire, filled in by the forwarder."""
+
+    done: bool = False
+    client_gone: bool = False
+    sent_upstream: bool = False
+    complete: bool = False
+    stream: bool = False
+    broken: bool = False
+    status: int = 0
+    upstream_error: str | None = None
+    ttft: float | None = None
+    upstream_wait: float = 0.0
+    usage: Usage | None = None
+    json: Any = None
+    scanner: StreamScanner | None = None
+
+
+def _estimate(call: Call, out: Outcome) -> Usage:
+    body = call.body or {}
+    prompt = estimate_prompt(body, call.model)
+    if out.scanner is not None:
+        text = out.scanner.completion_text()
+    else:
+        text = text_in_json(out.json)
+    completion = estimate_completion(text, call.model) if text else 0
+    return Usage(prompt=prompt, completion=completion, source="estimated")
+
+
+async def _usage(state: AppState, call: Call, out: Outcome) -> Usage:
+    ok = 200 <= out.status < 300
+    if call.async_create:
+        uid = out.json.get("uid") if isinstance(out.json, dict) else None
+        if ok and isinstance(uid, str):
+            await state.runs.remember(uid, call.principal.key_id, call.principal.user,
+                                      call.provider.runs_ttl_s)
+        # A run is metered when its finished result is polled, not when it is created.
+        return Usage()
+    if call.poll_uid is not None:
+        if out.usage is not None and await state.runs.claim_metering(call.poll_uid,
+                                                                     call.provider.runs_ttl_s):
+            return out.usage
+        return Usage()
+    if out.usage is not None:
+        return out.usage
+    # No usage arrived. Estimate whenever the provider may have done work: it answered 2xx, or
+    # the stream broke, or the client left after the request went upstream.
+    if call.metered and out.sent_upstream and (ok or out.broken or out.client_gone):
+        if len(call.body_bytes) > _BIG_PROMPT:
+            return await asyncio.to_thread(_estimate, call, out)
+        return _estimate(call, out)
+    return Usage()
+
+
+async def finish(state: AppState, call: Call, out: Outcome) -> None:
+    """Meter one forwarded request. Never raises: a metering fault must not break the response."""
+    try:
+        await _finish(state, call, out)
+    except Exception:
+        log.exception("metering failed for request %s", call.request_id)
+
+
+async def _finish(state: AppState, call: Call, out: Outcome) -> None:
+    t_fin = perf_counter()
+    status = CLIENT_CLOSED if out.client_gone else (out.status or 502)
+    try:
+        usage = await _usage(state, call, out)
+    except StoreError as exc:
+        state.health.failed(exc.operation, exc)
+        usage = out.usage or Usage()
+    cost_nano, priced = call.cfg.prices.cost_nano(call.model, usage) if call.model else (0, True)
+    if call.adm is not None:
+        try:
+            await state.limiter.settle(call.adm, usage.total, cost_nano)
+        except StoreError as exc:
+            # The reservation expires by itself; the lease too. Usage still reaches the ledger.
+            state.health.failed(exc.operation, exc)
+    p = call.principal
+    duration = t_fin - call.t0
+    state.ledger.submit(UsageRecord(
+        request_id=call.request_id, uid=call.uid, time=time.time(), key=p.key_id, user=p.user,
+        provider=call.provider.name, model=call.model, status=status, source=usage.source,
+        duration_ms=round(duration * 1000),
+        prompt_tokens=usage.prompt, cached_prompt_tokens=usage.cached_prompt,
+        completion_tokens=usage.completion, reasoning_tokens=usage.reasoning, cost_nano=cost_nano,
+    ))
+    m = state.metrics
+    model = state.labels.label(call.model, call.cfg.prices)
+    m.record_usage(key=p.key_id, user=p.user, provider=call.provider.name, model=model,
+                   status=status, source=usage.source, prompt=usage.prompt,
+                   cached_prompt=usage.cached_prompt, completion=usage.completion,
+                   reasoning=usage.reasoning, cost_usd=nano_to_usd(cost_nano),
+                   priced=priced or not call.model)
+    m.duration.labels(call.provider.name, model, "true" if out.stream else "false").observe(duration)
+    if out.ttft is not None:
+        m.ttft.labels(call.provider.name, model).observe(out.ttft)
+    if out.upstream_error is not None:
+        m.upstream_errors.labels(call.provider.name, out.upstream_error).inc()
+    m.overhead.observe(call.overhead + (perf_counter() - t_fin))
+
+
+def record_rejection(state: AppState, cfg: Config, scope: dict[str, Any], err: ProxyError) -> None:
+    """Count a request the proxy answered itself, under its key when the key was valid."""
+    try:
+        p = authenticate(cfg, scope["headers"])
+    except ProxyError:
+        return  # no valid key: nothing to attribute (and no label from client input)
+    provider = cfg.route(scope["path"])
+    state.metrics.requests.labels(p.key_id, p.user, provider.name if provider else "none",
+                                  "none", str(err.status)).inc()

@@ -1,0 +1,201 @@
+"""The proxy route: a raw ASGI app (no Starlette request objects on the hot path).
+
+Flow per request: prepare (route, auth, body, admission) → upstream request (aiohttp) → response
+headers → body: JSON answers are read whole (usage is in them), SSE streams go chunk by chunk
+through the scanner to `send` as they arrive → after the last byte, `finish` meters and settles.
+
+Client disconnects are watched by one `receive()` future per request: when it reports
+`http.disconnect` mid-request the handler task is cancelled, which closes the upstream response at
+once (the provider stops generating), and metering still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import perf_counter
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from meterproxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from meterproxy.finish import Outcome, finish, record_rejection
+from meterproxy.headers import ratelimit_headers, response_headers, upstream_headers
+from meterproxy.metering.body import usage_in_json
+from meterproxy.metering.scan import StreamScanner
+from meterproxy.request import Call, ClientGone, prepare
+from meterproxy.state import AppState
+from meterproxy.upstream import error_kind
+
+log = logging.getLogger("meterproxy")
+
+
+async def send_error(send: Any, err: ProxyError, request_id: str | None,
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = err.body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *err.headers(), *(extra or [])]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class ProxyRoute:
+    """ASGI app for every provider path."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        state = self.state
+        cfg = state.config  # one snapshot per request: a reload never changes rules mid-request
+        try:
+            call = await prepare(state, cfg, scope, receive)
+        except ClientGone:
+            return
+        except ProxyError as err:
+            record_rejection(state, cfg, scope, err)
+            await send_error(send, err, None)
+            return
+        await self._forward(call, scope, receive, send)
+
+    async def _forward(self, call: Call, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        state = self.state
+        out = Outcome()
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(receive())
+
+        def on_disconnect(fut: asyncio.Future[Any]) -> None:
+            if not out.done and not fut.cancelled() and fut.exception() is None:
+                out.client_gone = True
+                task.cancel()
+
+        watcher.add_done_callback(on_disconnect)
+        inflight = state.metrics.inflight.labels(call.provider.name)
+        inflight.inc()
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            resp = await self._exchange(call, scope, send, out)
+        except asyncio.CancelledError:
+            if not out.client_gone:
+                raise
+            task.uncancel()
+        finally:
+            out.done = True
+            if not watcher.done():
+                watcher.cancel()
+            if resp is not None:
+                if out.complete:
+                    resp.release()
+                else:
+                    resp.close()  # unread body: drop the connection so the provider stops
+            inflight.dec()
+            await finish(state, call, out)
+
+    async def _exchange(self, call: Call, scope: dict[str, Any], send: Any,
+                        out: Outcome) -> aiohttp.ClientResponse | None:
+        state = self.state
+        provider = call.provider
+        client = scope.get("client")
+        url = provider.base_url + call.raw_path.decode("latin-1")
+        if call.query:
+            url += "?" + call.query.decode("latin-1")
+        headers = upstream_headers(scope["headers"], provider, client[0] if client else None,
+                                   call.request_id, call.inject_usage)
+        call.overhead += perf_counter() - call.t0
+        out.sent_upstream = True
+        t_up = perf_counter()
+        try:
+            resp = await state.upstream.request(
+                call.method, str(URL(url, encoded=True)) if "%" in url else url, headers,
+                call.body_bytes if call.body_bytes or call.method not in ("GET", "HEAD") else None,
+                call.cfg.server.upstream_timeout_s)
+        except ProxyError as err:
+            out.status = err.status
+            out.upstream_error = error_kind(err.__cause__ or err)
+            await send_error(send, err, call.request_id)
+            out.complete = True
+            return None
+        t_hdr = perf_counter()
+        out.upstream_wait += t_hdr - t_up
+        out.status = resp.status
+        ctype = resp.headers.get("Content-Type", "")
+        is_stream = ctype.startswith("text/event-stream")
+        out.stream = is_stream
+        hdrs = response_headers(resp.raw_headers, drop_length=is_stream and call.inject_usage)
+        hdrs += ratelimit_headers(call.decision.snapshot if call.decision else None)
+        hdrs.append((b"x-request-id", call.request_id.encode()))
+        if is_stream:
+            await self._stream(call, resp, send, out, hdrs, t_hdr)
+        else:
+            await self._whole(call, resp, send, out, hdrs, t_hdr)
+        return resp
+
+    async def _whole(self, call: Call, resp: aiohttp.ClientResponse, send: Any, out: Outcome,
+                     hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
+        """A non-stream answer: read it (usage is inside), then send it unchanged."""
+        call.overhead += perf_counter() - t_hdr
+        t_read = perf_counter()
+        try:
+            body = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            err: ProxyError = (UpstreamTimeout("The provider did not answer in time.")
+                               if isinstance(exc, asyncio.TimeoutError)
+                               else UpstreamUnreachable("The provider closed the connection."))
+            out.status = err.status
+            out.upstream_error = error_kind(exc)
+            await send_error(send, err, call.request_id)
+            out.complete = True
+            return
+        t_body = perf_counter()
+        out.upstream_wait += t_body - t_read
+        out.complete = True
+        if call.metered and 200 <= resp.status < 300 and body:
+            try:
+                out.json = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                out.json = None
+            out.usage = usage_in_json(out.json)
+        await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        call.overhead += perf_counter() - t_body
+
+    async def _stream(self, call: Call, resp: aiohttp.ClientResponse, send: Any, out: Outcome,
+                      hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
+        """An SSE answer: every chunk to the client as it arrives, scanned for usage on the way."""
+        scanner = StreamScanner(strip_usage=call.inject_usage)
+        out.scanner = scanner
+        await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
+        now = perf_counter()
+        call.overhead += now - t_hdr
+        content = resp.content
+        first = True
+        scan_time = 0.0
+        try:
+            while True:
+                t_wait = perf_counter()
+                chunk = await content.readany()
+                t_got = perf_counter()
+                out.upstream_wait += t_got - t_wait
+                if not chunk:
+                    break
+                if first:
+                    out.ttft = t_got - call.t0
+                    first = False
+                data = scanner.feed(chunk)
+                scan_time += perf_counter() - t_got
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            out.complete = True
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            # The provider broke the stream: end the client's stream at the same point (no
+            # [DONE] follows, as the provider sent none) and meter by estimate.
+            out.upstream_error = error_kind(exc)
+            out.broken = True
+        call.overhead += scan_time
+        await send({"type": "http.response.body", "body": scanner.finish(), "more_body": False})
+        out.usage = scanner.usage
