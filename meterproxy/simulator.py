@@ -25,6 +25,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import struct
 import time
 import uuid
@@ -123,7 +124,10 @@ def prompt_tokens(messages: Any, tools: Any, enc: str) -> int:
 
 
 def _seed(obj: Any) -> int:
-    return zlib.crc32(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
+    try:
+        return zlib.crc32(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
+    except orjson.JSONEncodeError:     # e.g. integers beyond 64 bits
+        return zlib.crc32(repr(obj).encode())
 
 
 @functools.lru_cache(maxsize=8192)
@@ -163,9 +167,10 @@ class Knobs:
 
 def _num(v: bytes) -> float:
     try:
-        return max(float(v), 0.0)
+        f = float(v)
     except ValueError:
         return 0.0
+    return f if math.isfinite(f) and f > 0 else 0.0
 
 
 def _knobs(raw: dict[bytes, bytes], default_delay: float) -> Knobs:
@@ -317,7 +322,13 @@ class _QuietAbort(logging.Filter):
 
 @dataclass(slots=True)
 class Stats:
-    """Counters behind GET /_sim/stats."""
+    """Counters behind GET /_sim/stats.
+
+    `requests` counts every non-/_sim request, errors included. Usage is added once per completed
+    answer, whether or not the usage was sent: non-stream answers when built, streams when their
+    last event has gone out (one broken or cancelled before that adds nothing), async runs on the first
+    poll that returns the result.
+    """
 
     requests: int = 0
     prompt: int = 0
