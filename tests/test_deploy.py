@@ -1,0 +1,183 @@
+"""deploy/: promtool validates the Prometheus config and alerts (and runs the alert unit tests);
+compose.yaml and the Dockerfile have the shape the README promises."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.dashboard_queries import SPEC_METRICS
+from tests.procs import ROOT
+
+DEPLOY = ROOT / "deploy"
+
+
+def _promtool(*args: str, cwd: Path = ROOT) -> str:
+    exe = shutil.which("promtool")
+    assert exe, "promtool is required (Debian package prometheus)"
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, cwd=str(cwd), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return doc
+
+
+def test_promtool_check_config() -> None:
+    # Also checks alerts.yml, resolved relative to prometheus.yml.
+    out = _promtool("check", "config", "deploy/prometheus.yml")
+    assert "SUCCESS: 1 rule files found" in out
+
+
+def test_promtool_check_rules() -> None:
+    out = _promtool("check", "rules", "deploy/alerts.yml")
+    assert re.search(r"SUCCESS: \d+ rules found", out)
+
+
+def test_promtool_alert_unit_tests() -> None:
+    out = _promtool("test", "rules", "alerts_test.yml", cwd=DEPLOY)
+    assert "SUCCESS" in out
+
+
+def test_prometheus_scrapes_the_proxy() -> None:
+    cfg = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    assert cfg["rule_files"] == ["alerts.yml"]
+    [job] = cfg["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["scrape_interval"] == "15s"
+    assert job["static_configs"] == [{"targets": ["proxy:8080"]}]
+
+
+def test_alerts_cover_the_brief_and_use_spec_metrics() -> None:
+    doc = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    alerts = {r["alert"]: r["expr"] for r in rules if "alert" in r}
+    recorded = {r["record"] for r in rules if "record" in r}
+    assert {"MeterproxyHighErrorRatio", "MeterproxyStoreDown", "MeterproxyUsageBacklogGrowing",
+            "MeterproxyUserNearMonthlyBudget"} <= set(alerts)
+    for r in rules:
+        for name in re.findall(r"\bmeterproxy_[a-z_]+", r["expr"]):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in SPEC_METRICS or base in SPEC_METRICS, name
+        for name in re.findall(r"\bmeterproxy:[a-z_0-9:]+", r["expr"]):
+            assert name in recorded, name
+
+
+def test_compose_services() -> None:
+    services = _compose()["services"]
+    assert set(services) == {"proxy", "redis", "prometheus", "grafana"}
+
+    proxy = services["proxy"]
+    assert proxy["build"]["context"] == ".."
+    assert (DEPLOY / proxy["build"]["context"] / proxy["build"]["dockerfile"]).is_file()
+    # The image's ENTRYPOINT is `meterproxy`, so command holds only its arguments.
+    assert proxy["command"] == ["serve", "--config", "/etc/meterproxy/config.yaml",
+                                "--host", "0.0.0.0", "--port", "8080", "--workers", "2"]
+    assert {"OPENAI_API_KEY", "VENDORX_KEY", "RUNS_KEY"} <= set(proxy["environment"])
+    mounts = [v.split(":") for v in proxy["volumes"]]
+    assert ["../policies", "/etc/meterproxy/policies", "ro"] in mounts
+    assert any(m[-2] == "/etc/meterproxy/config.yaml" for m in mounts)
+    assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    cmd = redis["command"]
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+    prom = services["prometheus"]
+    assert prom["image"].startswith("prom/prometheus")
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
+    assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in prom["volumes"]
+
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana")
+    assert "../dashboards/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert any(v.startswith("../dashboards/meterproxy.json:/var/lib/grafana/dashboards/")
+               for v in grafana["volumes"])
+
+
+def test_compose_bind_mounts_exist() -> None:
+    """Every relative bind source (bar the proxy's config, which may be overridden) exists."""
+    for name, svc in _compose()["services"].items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith(".") and name != "proxy":
+                assert (DEPLOY / src).exists(), (name, src)
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) per instruction, continuation lines joined, comments dropped."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for ln in joined.splitlines():
+        if ln.strip():
+            instr, _, rest = ln.strip().partition(" ")
+            out.append((instr.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile() -> None:
+    instrs = _dockerfile()
+    by = {i: a for i, a in instrs}  # last one wins, as in Docker
+    assert by["FROM"].startswith("python:3.11-slim")
+    user = by["USER"].split(":")[0]
+    assert user not in {"root", "0"}
+    assert json.loads(by["ENTRYPOINT"]) == ["meterproxy"]
+    assert json.loads(by["CMD"]) == ["serve", "--config", "/etc/meterproxy/config.yaml",
+                                     "--host", "0.0.0.0"]
+    health = by["HEALTHCHECK"]
+    assert "/healthz" in health and "python" in health and "curl" not in health
+    assert any(i == "RUN" and "pip install" in a for i, a in instrs)
+    # USER comes after the installs, so the running process is not root.
+    order = [i for i, _ in instrs]
+    assert order.index("USER") > max(k for k, i in enumerate(order) if i == "RUN")
+
+
+def test_healthcheck_probe_runs() -> None:
+    """The HEALTHCHECK's python one-liner succeeds against a live /healthz and fails without one."""
+    health = _dockerfile()
+    cmd = json.loads(dict(health)["HEALTHCHECK"].split("CMD", 1)[1])
+    assert cmd[:2] == ["python", "-c"]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        ok = subprocess.run([sys.executable, "-c", cmd[2]], env={"METERPROXY_PORT": str(port)},
+                            capture_output=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    bad = subprocess.run([sys.executable, "-c", cmd[2]], env={"METERPROXY_PORT": str(port)},
+                         capture_output=True, timeout=30)
+    assert bad.returncode != 0
+
+
+def test_dockerignore_keeps_build_inputs() -> None:
+    ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")}
+    assert {".git", ".venv", "tests"} <= ignored
+    assert not {"meterproxy", "pyproject.toml", "README.md"} & ignored
