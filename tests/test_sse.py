@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -27,7 +29,7 @@ def run(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     cuts = sorted({c for c in cuts if 0 < c < len(data)})
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def test_whole_lf_stream() -> None:
