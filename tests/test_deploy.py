@@ -3,6 +3,7 @@ compose.yaml and the Dockerfile have the shape the README promises."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import re
@@ -108,13 +109,65 @@ def test_compose_services() -> None:
                for v in grafana["volumes"])
 
 
+_INTERP_RE = re.compile(r"\$\{(\w+)(?::([-?])([^}]*))?\}")
+
+
+def _interpolate(value: str) -> str:
+    """Compose-style `${VAR:-default}` / `${VAR:?msg}` with an empty environment: defaults are
+    taken; a required VAR gets sha256(VAR) as a stand-in (its secrets are all sha256 hashes)."""
+
+    def repl(m: re.Match[str]) -> str:
+        assert m.group(2) in {"-", "?"}, f"{m.group(0)}: give every variable a default or :?"
+        if m.group(2) == "-":
+            return m.group(3)
+        return hashlib.sha256(m.group(1).encode()).hexdigest()
+
+    return _INTERP_RE.sub(repl, value)
+
+
 def test_compose_bind_mounts_exist() -> None:
-    """Every relative bind source (bar the proxy's config, which may be overridden) exists."""
+    """Every relative bind source exists, with compose's defaults for overridable paths."""
     for name, svc in _compose()["services"].items():
         for vol in svc.get("volumes", []):
-            src = vol.split(":")[0]
-            if src.startswith(".") and name != "proxy":
+            src = _interpolate(vol).split(":")[0]
+            if src.startswith("."):
                 assert (DEPLOY / src).exists(), (name, src)
+
+
+def _proxy_env() -> dict[str, str]:
+    """The proxy's container environment, required secrets replaced by distinct sha256s."""
+    env = _compose()["services"]["proxy"]["environment"]
+    return {k: _interpolate(str(v)) for k, v in env.items()}
+
+
+def test_compose_config_is_valid_for_the_proxy() -> None:
+    """deploy/config.yaml passes `meterproxy check-config` with exactly compose's environment."""
+    env = {"PATH": "/usr/bin:/bin", **_proxy_env()}
+    proc = subprocess.run([sys.executable, "-m", "meterproxy", "check-config",
+                           str(DEPLOY / "config.yaml")], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cfg = yaml.safe_load((DEPLOY / "config.yaml").read_text())
+    assert cfg["store"]["url"] == "redis://redis:6379/0"  # the compose service
+
+
+def test_budget_series_mirror_the_config() -> None:
+    """alerts.yml's per-user budgets equal the users' monthly_usd in deploy/config.yaml."""
+    cfg = yaml.safe_load((DEPLOY / "config.yaml").read_text())
+    want = {}
+    for user, u in cfg["users"].items():
+        limits = {**cfg["plans"].get(u.get("plan"), {}), **(u.get("limits") or {})}
+        if "monthly_usd" in limits:
+            want[user] = float(limits["monthly_usd"])
+    doc = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    got = {}
+    for g in doc["groups"]:
+        for r in g["rules"]:
+            if r.get("record") == "meterproxy:user_monthly_budget_usd":
+                m = re.fullmatch(r"vector\(([0-9.]+)\)", r["expr"])
+                assert m, r["expr"]
+                got[r["labels"]["user"]] = float(m.group(1))
+    assert got == want
 
 
 def _dockerfile() -> list[tuple[str, str]]:
