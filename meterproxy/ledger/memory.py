@@ -1,0 +1,99 @@
+"""In-process ledger store: the Redis store's semantics in dicts, for single-process use."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from meterproxy.ledger.record import (
+    Cell,
+    Totals,
+    UsageRecord,
+    day_num,
+    day_str,
+    month_str,
+    parse_id,
+)
+
+_Dims = tuple[str, str, str]   # key, provider, model
+
+
+class MemoryStore:
+    """Records in a capped list with stream-style ids; day and month aggregates in dicts."""
+
+    def __init__(self, max_records: int = 1_000_000, dedupe_ttl_s: float = 86_400.0) -> None:
+        self._max_records = max_records
+        self._dedupe_ttl_s = dedupe_ttl_s
+        self._ids: list[tuple[int, int]] = []
+        self._recs: list[UsageRecord] = []
+        # (user, period) -> cell dims -> totals; periods are "YYYY-MM-DD" and "YYYY-MM".
+        self._agg: dict[tuple[str, str], dict[_Dims, Totals]] = {}
+        self._days: dict[str, set[int]] = {}
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    async def write(self, batch: Sequence[UsageRecord]) -> None:
+        """Store a batch; a record whose dedupe_id was seen within the TTL is skipped."""
+        now = time.monotonic()
+        while self._seen and next(iter(self._seen.values())) < now - self._dedupe_ttl_s:
+            self._seen.popitem(last=False)
+        for rec in batch:
+            if rec.dedupe_id in self._seen:
+                continue
+            self._seen[rec.dedupe_id] = now
+            self._append(rec)
+            dims = (rec.key, rec.provider, rec.model)
+            dn = day_num(rec.time)
+            self._days.setdefault(rec.user, set()).add(dn)
+            for period in (day_str(dn), month_str(rec.time)):
+                cells = self._agg.setdefault((rec.user, period), {})
+                cells.setdefault(dims, Totals()).add(Totals.of(rec))
+
+    def _append(self, rec: UsageRecord) -> None:
+        # Same id rule as the Redis script: the record's own ms unless that would not be
+        # increasing, then the next id after the last (so id time >= record time, always).
+        ms = int(rec.time * 1000)
+        last = self._ids[-1] if self._ids else (0, 0)
+        rid = (ms, 0) if ms > last[0] else (last[0], last[1] + 1)
+        self._ids.append(rid)
+        self._recs.append(rec)
+        if len(self._recs) > self._max_records * 1.1:
+            # Trim in chunks, like XADD MAXLEN ~, so appends stay amortised O(1).
+            cut = len(self._recs) - self._max_records
+            del self._ids[:cut], self._recs[:cut]
+
+    async def day_cells(self, user: str | None, first: int | None,
+                        last: int | None) -> list[Cell]:
+        """Day aggregates of days first..last (inclusive) of `user` or everyone."""
+        users = [user] if user is not None else sorted(self._days)
+        out: list[Cell] = []
+        for u in users:
+            for dn in sorted(self._days.get(u, ())):
+                if (first is None or dn >= first) and (last is None or dn <= last):
+                    out.extend(self._cells(u, day_str(dn)))
+        return out
+
+    async def period_cells(self, user: str, periods: Sequence[str]) -> list[list[Cell]]:
+        """Aggregates of `user` for each period."""
+        return [self._cells(user, p) for p in periods]
+
+    def _cells(self, user: str, period: str) -> list[Cell]:
+        cells = self._agg.get((user, period), {})
+        return [Cell(user, k, p, m, period, Totals(*t.values())) for (k, p, m), t in cells.items()]
+
+    async def scan(self, start: float, end: float) -> list[UsageRecord]:
+        """Records with start <= time < end."""
+        # Ids never precede their record's time, so records before `start` can be skipped.
+        i = bisect.bisect_left(self._ids, (int(start * 1000), 0))
+        return [r for r in self._recs[i:] if start <= r.time < end]
+
+    async def records(self, since_id: str | None, limit: int) -> list[tuple[str, UsageRecord]]:
+        """Up to `limit` records after `since_id`, oldest first."""
+        i = 0 if since_id is None else bisect.bisect_right(self._ids, parse_id(since_id))
+        return [(f"{ms}-{seq}", rec)
+                for (ms, seq), rec in zip(self._ids[i:i + limit], self._recs[i:i + limit],
+                                          strict=True)]
+
+    async def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,229 @@
+"""One contract test class for the ledger, run over the memory and the Redis store."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from meterproxy.ledger import GROUP_FIELDS, Ledger, UsageRecord, memory_store, redis_store
+
+D0 = datetime(2026, 11, 29, tzinfo=UTC).timestamp()   # three days spanning a month boundary
+DAY = 86_400.0
+USERS = {"alice": ["alice-laptop", "alice-ci"], "bob": ["bob-1"], "c|{x}%": ["c:k|1"]}
+MODELS = [("openai", "gpt-5.4"), ("vendorx", "openai/gpt-4o"), ("vendorx", "anthropic/x")]
+COUNTERS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens",
+            "cost_nano")
+
+
+def make(i: int, t: float, user: str = "alice", key: str = "alice-laptop",
+         provider: str = "openai", model: str = "gpt-5.4", n: int = 1) -> UsageRecord:
+    return UsageRecord(
+        request_id=f"req-{i}", time=t, key=key, user=user, provider=provider, model=model,
+        status=200, source="provider" if i % 3 else "estimated", duration_ms=10 + i,
+        prompt_tokens=100 * n + i, cached_prompt_tokens=i % 50, completion_tokens=7 * n + i,
+        reasoning_tokens=i % 5, cost_nano=1_234_567 * n + i,
+    )
+
+
+def dataset(n: int = 240, seed: int = 7) -> list[UsageRecord]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        user = rng.choice(sorted(USERS))
+        provider, model = rng.choice(MODELS)
+        # Times over three days, some pinned next to midnight to probe day edges.
+        t = D0 + rng.choice([rng.uniform(0, 3 * DAY), DAY - 1, DAY + 1, 2 * DAY - 0.5])
+        out.append(make(i, t, user, rng.choice(USERS[user]), provider, model, rng.randint(1, 9)))
+    return out
+
+
+def dims(r: UsageRecord) -> dict[str, str]:
+    return {"user": r.user, "key": r.key, "model": r.model, "provider": r.provider,
+            "day": datetime.fromtimestamp(r.time, UTC).date().isoformat()}
+
+
+def usage(recs: Iterable[UsageRecord]) -> dict[str, Any]:
+    recs = list(recs)
+    u: dict[str, Any] = {"requests": len(recs)}
+    for c in COUNTERS:
+        u[c] = sum(getattr(r, c) for r in recs)
+    u["cost_usd"] = u["cost_nano"] / 1e9
+    return u
+
+
+def expected(recs: list[UsageRecord], group_by: list[str]) -> dict[str, Any]:
+    groups: dict[tuple[str, ...], list[UsageRecord]] = {}
+    for r in recs:
+        groups.setdefault(tuple(dims(r)[g] for g in group_by), []).append(r)
+    rows = [{**dict(zip(group_by, k, strict=True)), **usage(v)} for k, v in sorted(groups.items())]
+    return {"group_by": group_by, "rows": rows, "total": usage(recs)}
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
+    client = None
+    if request.param == "redis":
+        client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+        led = Ledger(redis_store(client))
+    else:
+        led = Ledger(memory_store())
+    await led.start()
+    yield led
+    await led.close(timeout=1)
+    if client is not None:
+        await client.aclose()
+
+
+async def fill(ledger: Ledger, recs: list[UsageRecord]) -> None:
+    for r in recs:
+        ledger.submit(r)
+    assert await ledger.drain(10)
+    assert ledger.backlog == 0
+
+
+class TestLedgerContract:
+    async def test_totals_by_every_group_by(self, ledger: Ledger) -> None:
+        recs = dataset()
+        await fill(ledger, recs)
+        for n in range(len(GROUP_FIELDS) + 1):
+            for gb in itertools.permutations(GROUP_FIELDS, n) if n < 3 else \
+                    itertools.combinations(GROUP_FIELDS, n):
+                assert await ledger.query(group_by=list(gb)) == expected(recs, list(gb)), gb
+
+    async def test_filters(self, ledger: Ledger) -> None:
+        recs = dataset()
+        await fill(ledger, recs)
+        cases: list[dict[str, str]] = [
+            {"user": "alice"}, {"user": "c|{x}%"}, {"key": "alice-ci"}, {"model": "openai/gpt-4o"},
+            {"provider": "vendorx"}, {"user": "bob", "model": "gpt-5.4"}, {"user": "nobody"},
+        ]
+        for f in cases:
+            want = [r for r in recs if all(dims(r)[k] == v for k, v in f.items())]
+            got = await ledger.query(group_by=["key", "day"], **f)  # type: ignore[arg-type]
+            assert got == expected(want, ["key", "day"]), f
+
+    async def test_whole_day_ranges(self, ledger: Ledger) -> None:
+        recs = dataset()
+        await fill(ledger, recs)
+        d1 = datetime.fromtimestamp(D0 + DAY, UTC)
+        # A plain date is its whole day; until=date is inclusive, a midnight datetime exclusive.
+        cases = [(d1.date(), d1.date(), D0 + DAY, D0 + 2 * DAY),
+                 (d1, None, D0 + DAY, float("inf")),
+                 (None, d1, float("-inf"), D0 + DAY),
+                 (date(2026, 11, 29), date(2026, 12, 1), D0, D0 + 3 * DAY)]
+        for since, until, lo, hi in cases:
+            want = [r for r in recs if lo <= r.time < hi]
+            got = await ledger.query(since=since, until=until, group_by=["day", "user"])
+            assert got == expected(want, ["day", "user"]), (since, until)
+            assert got["total"]["requests"] == len(want) > 0
+
+    async def test_sub_day_ranges(self, ledger: Ledger) -> None:
+        recs = dataset()
+        await fill(ledger, recs)
+        rng = random.Random(3)
+        for _ in range(12):
+            lo, hi = sorted(rng.uniform(D0 - 3600, D0 + 3 * DAY + 3600) for _ in range(2))
+            since = datetime.fromtimestamp(lo, UTC)
+            until = datetime.fromtimestamp(hi, UTC).replace(tzinfo=None)   # naive is UTC
+            want = [r for r in recs if since.timestamp() <= r.time < hi]
+            got = await ledger.query(since=since, until=until, group_by=["user", "model"])
+            assert got == expected(want, ["user", "model"]), (since, until)
+        empty = await ledger.query(since=datetime.fromtimestamp(D0 + 50, UTC),
+                                   until=datetime.fromtimestamp(D0 + 10, UTC))
+        assert empty["rows"] == [] and empty["total"]["requests"] == 0
+
+    async def test_late_record_found_by_sub_day_query(self, ledger: Ledger) -> None:
+        # Written after newer records (a backlog drained late): its id is later than its time.
+        await fill(ledger, [make(1, D0 + 5000), make(2, D0 + 9000)])
+        await fill(ledger, [make(3, D0 + 4000)])
+        got = await ledger.query(since=datetime.fromtimestamp(D0 + 3000, UTC),
+                                 until=datetime.fromtimestamp(D0 + 4500, UTC))
+        assert got["total"] == usage([make(3, D0 + 4000)])
+
+    async def test_records_pagination(self, ledger: Ledger) -> None:
+        recs = dataset(101)
+        await fill(ledger, recs)
+        seen: list[dict[str, Any]] = []
+        since = None
+        for _ in range(50):
+            page = await ledger.records(since, 7)
+            assert len(page["records"]) <= 7
+            seen += page["records"]
+            if not page["records"]:
+                assert page["next_since_id"] == since
+                break
+            since = page["next_since_id"]
+        ids = [tuple(map(int, r["id"].split("-"))) for r in seen]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids) == 101
+        by_rid = {r.request_id: r for r in recs}
+        assert sorted(r["request_id"] for r in seen) == sorted(by_rid)
+        for r in seen:
+            src = by_rid[r["request_id"]]
+            assert int(r["id"].split("-")[0]) >= int(src.time * 1000)   # id never before time
+            assert r["time"] == src.time and r["user"] == src.user and r["key"] == src.key
+            assert r["cost_nano"] == src.cost_nano and r["cost_usd"] == src.cost_nano / 1e9
+            assert (r["status"], r["source"], r["duration_ms"]) == (
+                src.status, src.source, src.duration_ms)
+
+    async def test_records_validation(self, ledger: Ledger) -> None:
+        with pytest.raises(ValueError):
+            await ledger.records("not-an-id", 10)
+        with pytest.raises(ValueError):
+            await ledger.query(group_by=["user", "colour"])
+        assert await ledger.records(None, 10) == {"records": [], "next_since_id": "0-0"}
+
+    async def test_summary_windows(self, ledger: Ledger) -> None:
+        dec1 = D0 + 2 * DAY
+        recs = [
+            make(1, dec1 - 60, key="alice-laptop"),      # Nov 30 23:59: other day, other month
+            make(2, dec1 + 60, key="alice-laptop"),      # Dec 1 00:01
+            make(3, dec1 + 3600, key="alice-ci"),        # same user, other key
+            make(4, dec1 + 7200, user="bob", key="bob-1"),
+            make(5, dec1 + DAY + 60, key="alice-laptop"),  # Dec 2
+        ]
+        await fill(ledger, recs)
+        s = await ledger.summary("alice-laptop", "alice", dec1 + 43_200)
+        assert s == {"day": usage([recs[1]]), "month": usage([recs[1], recs[4]]),
+                     "user_day": usage(recs[1:3]), "user_month": usage([recs[1], recs[2], recs[4]])}
+        s = await ledger.summary("alice-laptop", "alice", dec1 - 30)
+        assert s["day"] == s["month"] == s["user_day"] == s["user_month"] == usage([recs[0]])
+        empty = await ledger.summary("zed-1", "zed", dec1)
+        assert empty["user_month"] == usage([])
+
+    async def test_duplicate_request_id_counts_once(self, ledger: Ledger) -> None:
+        rec = make(1, D0 + 10)
+        await fill(ledger, [rec, rec])
+        await fill(ledger, [rec])
+        assert (await ledger.query())["total"] == usage([rec])
+        assert len((await ledger.records(None, 10))["records"]) == 1
+
+    async def test_dedupe_uses_uid_when_given(self, ledger: Ledger) -> None:
+        # A client may reuse x-request-id: distinct uids are distinct requests.
+        a, b = make(1, D0 + 10), make(1, D0 + 20)
+        a, b = replace(a, uid="u-a"), replace(b, uid="u-b")
+        await fill(ledger, [a, b, a])
+        assert (await ledger.query())["total"] == usage([a, b])
+
+    async def test_until_last_microsecond_is_whole_day(self, ledger: Ledger) -> None:
+        recs = dataset()
+        await fill(ledger, recs)
+        until = datetime(2026, 11, 30, 23, 59, 59, 999_999, tzinfo=UTC)
+        want = [r for r in recs if r.time < D0 + 2 * DAY]
+        got = await ledger.query(since=datetime(2026, 11, 29, tzinfo=UTC), until=until,
+                                 group_by=["day"])
+        assert got == expected(want, ["day"])
+
+    async def test_cost_sums_exactly(self, ledger: Ledger) -> None:
+        recs = [make(i, D0 + i, n=0) for i in range(1, 200)]
+        recs = [replace(r, cost_nano=100_000_001) for r in recs]
+        await fill(ledger, recs)
+        total = (await ledger.query())["total"]
+        assert total["cost_nano"] == 199 * 100_000_001
+        assert total["cost_usd"] == 199 * 100_000_001 / 1e9
