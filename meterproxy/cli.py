@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     common: dict[str, Any] = dict(
         host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level="warning", server_header=False, date_header=False,
+        proxy_headers=False,  # x-forwarded-* from clients is never trusted (issue #7)
         timeout_graceful_shutdown=cfg.server.shutdown_grace_s, timeout_keep_alive=75,
         backlog=4096,
     )

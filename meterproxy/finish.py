@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
+import aiohttp
+
 from meterproxy.auth import authenticate
 from meterproxy.config import Config
 from meterproxy.errors import ProxyError
@@ -47,6 +49,7 @@ class Outcome:
     usage: Usage | None = None
     json: Any = None
     scanner: StreamScanner | None = None
+    resp: aiohttp.ClientResponse | None = None
 
 
 def _estimate(call: Call, out: Outcome) -> Usage:

@@ -77,9 +77,8 @@ class ProxyRoute:
         watcher.add_done_callback(on_disconnect)
         inflight = state.metrics.inflight.labels(call.provider.name)
         inflight.inc()
-        resp: aiohttp.ClientResponse | None = None
         try:
-            resp = await self._exchange(call, scope, send, out)
+            await self._exchange(call, scope, send, out)
         except asyncio.CancelledError:
             if not out.client_gone:
                 raise
@@ -88,6 +87,7 @@ class ProxyRoute:
             out.done = True
             if not watcher.done():
                 watcher.cancel()
+            resp = out.resp
             if resp is not None:
                 if out.complete:
                     resp.release()
@@ -96,8 +96,7 @@ class ProxyRoute:
             inflight.dec()
             await finish(state, call, out)
 
-    async def _exchange(self, call: Call, scope: dict[str, Any], send: Any,
-                        out: Outcome) -> aiohttp.ClientResponse | None:
+    async def _exchange(self, call: Call, scope: dict[str, Any], send: Any, out: Outcome) -> None:
         state = self.state
         provider = call.provider
         client = scope.get("client")
@@ -119,7 +118,8 @@ class ProxyRoute:
             out.upstream_error = error_kind(err.__cause__ or err)
             await send_error(send, err, call.request_id)
             out.complete = True
-            return None
+            return
+        out.resp = resp  # from here on the finally in _forward releases or closes it
         t_hdr = perf_counter()
         out.upstream_wait += t_hdr - t_up
         out.status = resp.status
@@ -133,7 +133,6 @@ class ProxyRoute:
             await self._stream(call, resp, send, out, hdrs, t_hdr)
         else:
             await self._whole(call, resp, send, out, hdrs, t_hdr)
-        return resp
 
     async def _whole(self, call: Call, resp: aiohttp.ClientResponse, send: Any, out: Outcome,
                      hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:

@@ -87,10 +87,10 @@ def test_vendor_flavor_x_api_key(core) -> None:  # type: ignore[no-untyped-def]
     r = httpx.post(f"{px.base}/v4/beta/chat/completions", json=body,
                    headers={"x-api-key": KEYS["bob-1"][1]})
     assert r.status_code == 200, r.text
-    d = httpx.post(f"{sim.base}/v4/beta/chat/completions", json=body, headers={"x-api-key": "v"})
-    assert r.json()["choices"] == d.json()["choices"]
     seen = httpx.get(f"{sim.base}/_sim/last_request").json()
     assert seen["headers"]["x-api-key"] == PROVIDER_SECRETS[1]
+    d = httpx.post(f"{sim.base}/v4/beta/chat/completions", json=body, headers={"x-api-key": "v"})
+    assert r.json()["choices"] == d.json()["choices"]
 
 
 def test_runs_flavor_streams_by_default_and_async(core) -> None:  # type: ignore[no-untyped-def]
