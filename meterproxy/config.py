@@ -160,9 +160,9 @@ class KeyConfig(_Model):
 
 
 class RawConfig(_Model):
-    server: ServerConfig = ServerConfig()
-    store: StoreConfig = StoreConfig()
-    admin: AdminConfig = AdminConfig()
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     pricing: dict[str, PriceConfig] = {}
     plans: dict[str, LimitsConfig] = {}

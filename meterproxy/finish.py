@@ -55,10 +55,7 @@ class Outcome:
 def _estimate(call: Call, out: Outcome) -> Usage:
     body = call.body or {}
     prompt = estimate_prompt(body, call.model)
-    if out.scanner is not None:
-        text = out.scanner.completion_text()
-    else:
-        text = text_in_json(out.json)
+    text = out.scanner.completion_text() if out.scanner is not None else text_in_json(out.json)
     completion = estimate_completion(text, call.model) if text else 0
     return Usage(prompt=prompt, completion=completion, source="estimated")
 

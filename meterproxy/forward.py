@@ -141,7 +141,7 @@ class ProxyRoute:
         t_read = perf_counter()
         try:
             body = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             err: ProxyError = (UpstreamTimeout("The provider did not answer in time.")
                                if isinstance(exc, asyncio.TimeoutError)
                                else UpstreamUnreachable("The provider closed the connection."))
@@ -190,7 +190,7 @@ class ProxyRoute:
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             out.complete = True
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # The provider broke the stream: end the client's stream at the same point (no
             # [DONE] follows, as the provider sent none) and meter by estimate.
             out.upstream_error = error_kind(exc)

@@ -118,7 +118,7 @@ def _positive_int(value: Any) -> int | None:
 
 def reservation(cfg: Config, body: dict[str, Any] | None, body_len: int) -> int:
     """Tokens to reserve: a cheap prompt estimate from the body size (tokenising on the hot path
-    is CPU we need not spend: settlement corrects it) + the completion allowance × n."""
+    is CPU we need not spend: settlement corrects it) + the completion allowance times n."""
     if body is None:
         return 0
     prompt = cheap_prompt_estimate(body_len)

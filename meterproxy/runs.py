@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from typing import Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from meterproxy.limits import StoreError
@@ -60,7 +60,7 @@ class MemoryRuns:
 class RedisRuns:
     """Run ownership in Redis: `mp:run:{uid}` → "key_id\\nuser", and a SET NX metering claim."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis | RedisCluster) -> None:
         self._r = client
 
     async def remember(self, uid: str, key_id: str, user: str, ttl_s: float) -> None:

@@ -49,7 +49,7 @@ class Upstream:
                 method, url, headers=headers, data=body, timeout=timeout,
                 allow_redirects=False, compress=None, auto_decompress=False,
             )
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("The provider did not answer in time.") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"The provider could not be reached ({type(exc).__name__}).") from exc

@@ -85,7 +85,7 @@ class Proc:
 
     def __init__(self, args: Sequence[str], port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
-        self.log = tempfile.NamedTemporaryFile(prefix="mp-proc-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix="mp-proc-", suffix=".log", delete=False)  # noqa: SIM115 (lives as long as the process)
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meterproxy", *args],

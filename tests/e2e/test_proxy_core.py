@@ -94,7 +94,7 @@ def test_vendor_flavor_x_api_key(core) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_runs_flavor_streams_by_default_and_async(core) -> None:  # type: ignore[no-untyped-def]
-    sim, px, _ = core
+    _, px, _ = core
     h = bearer("alice-1")
     with httpx.stream("POST", f"{px.base}/v3/ai/chat_completion", headers=h,
                       json={"model": "gpt-5.4", "messages": MSG}) as r:
