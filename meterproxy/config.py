@@ -334,7 +334,7 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
     try:
         raw = RawConfig.model_validate(data)
     except ValidationError as exc:
-        errors.extend(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+        errors.extend(f"{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
         raise ConfigError(errors) from exc
     errors.extend(_cross_check(raw))
     if errors:
