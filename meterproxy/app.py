@@ -151,4 +151,7 @@ def create_app(config_path: str) -> MeterProxy:
 
 def app_from_env() -> MeterProxy:
     """uvicorn factory for `--workers N`: each worker process reads METERPROXY_CONFIG."""
+    from meterproxy.cli import setup_logging
+
+    setup_logging()
     return create_app(os.environ["METERPROXY_CONFIG"])

@@ -16,6 +16,12 @@ from meterproxy.auth import key_hash
 from meterproxy.config import ConfigError, load_config, summary
 
 
+def setup_logging() -> None:
+    """One log format for the supervisor and every worker (workers are fresh processes)."""
+    logging.basicConfig(level=os.environ.get("METERPROXY_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(process)d %(name)s %(message)s")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -29,8 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
     workers = max(args.workers, 1)
-    logging.basicConfig(level=os.environ.get("METERPROXY_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging()
     common: dict[str, Any] = dict(
         host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level="warning", server_header=False, date_header=False,
@@ -51,11 +56,29 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     os.environ["METERPROXY_CONFIG"] = os.path.abspath(args.config)
     try:
-        uvicorn.run("meterproxy.app:app_from_env", factory=True, workers=workers, **common)
+        _run_workers(uvicorn.Config("meterproxy.app:app_from_env", factory=True, workers=workers, **common))
     finally:
         if owned and mp_dir:
             shutil.rmtree(mp_dir, ignore_errors=True)
     return 0
+
+
+def _run_workers(config: Any) -> None:
+    """uvicorn's supervisor, except that SIGHUP reloads the config in every worker (each validates
+    it and keeps its running config when it is invalid) instead of restarting the workers, which
+    would take the service down on an invalid file."""
+    import signal
+
+    from uvicorn.supervisors import Multiprocess
+
+    class HupForwarding(Multiprocess):
+        def handle_hup(self) -> None:
+            for proc in self.processes:
+                if proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGHUP)
+
+    sock = config.bind_socket()
+    HupForwarding(config, sockets=[sock]).run()
 
 
 def _check(args: argparse.Namespace) -> int:
