@@ -83,10 +83,12 @@ def test_passthrough_returns_the_same_objects() -> None:
     assert sc.saw_done
 
 
-@settings(max_examples=200)
-@given(st.lists(st.integers(0, 3000), max_size=30), st.sampled_from(["compact", "spaced"]))
-def test_passthrough_identity_and_usage_under_random_splits(cuts: list[int], style: str) -> None:
-    data = stream(True, style)
+@settings(max_examples=300)
+@given(st.lists(st.integers(0, 3000), max_size=30), st.sampled_from(["compact", "spaced"]),
+       st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_passthrough_identity_and_usage_under_random_splits(
+        cuts: list[int], style: str, nl: bytes) -> None:
+    data = stream(True, style, nl)
     out, sc = run(split_at(data, cuts), strip=False)
     assert out == data
     assert sc.usage == EXPECTED_USAGE
@@ -133,11 +135,12 @@ def test_strip_at_every_split_point(style: str) -> None:
         assert sc.usage == EXPECTED_USAGE
 
 
-@settings(max_examples=200)
-@given(st.lists(st.integers(0, 3000), max_size=40), st.sampled_from(["compact", "spaced", "first"]))
-def test_strip_under_random_splits(cuts: list[int], style: str) -> None:
-    out, sc = run(split_at(stream(True, style), cuts), strip=True)
-    assert out == stream(False, style)
+@settings(max_examples=300)
+@given(st.lists(st.integers(0, 3000), max_size=40), st.sampled_from(["compact", "spaced", "first"]),
+       st.sampled_from([b"\n", b"\r\n"]))
+def test_strip_under_random_splits(cuts: list[int], style: str, nl: bytes) -> None:
+    out, sc = run(split_at(stream(True, style, nl), cuts), strip=True)
+    assert out == stream(False, style, nl)
     assert sc.usage == EXPECTED_USAGE
 
 

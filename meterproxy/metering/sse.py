@@ -14,6 +14,7 @@ import re
 # otherwise the "\r" of one "\r\n" and its "\n" would count as two terminators.
 _END_RE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 _CR = 13
+_LF = 10
 # The longest terminator pair is 4 bytes, so a new one can start at most 3 bytes back.
 _EDGE = 3
 
@@ -23,18 +24,25 @@ def _has_end(buf: bytes) -> bool:
     return b"\n\n" in buf or (b"\r" in buf and _END_RE.search(buf) is not None)
 
 
-def _split(buf: bytes) -> tuple[list[bytes], int]:
-    """Complete events at the start of `buf`, and the offset where the remainder starts."""
+def split_events(buf: bytes) -> tuple[list[bytes], int]:
+    """Complete events of `buf` (which starts at an event boundary), and the offset where
+    the incomplete remainder starts. A final "\\r" is not taken as an end: a "\\n" may follow.
+    """
     events: list[bytes] = []
     start = 0
-    if b"\r" not in buf:
-        # Fast path for the usual "\n"-only stream: plain C-speed find.
-        find = buf.find
-        while (i := find(b"\n\n", start)) >= 0:
-            events.append(buf[start : i + 2])
-            start = i + 2
-        return events, start
     n = len(buf)
+    if buf.find(b"\r") < 0:
+        # Fast path for the usual "\n"-only stream. Single-byte find is memchr, measured
+        # ~2x faster than find(b"\n\n"); JSON data lines hold no raw "\n" to skip over.
+        find = buf.find
+        pos = 0
+        while (i := find(b"\n", pos)) >= 0:
+            if i + 1 < n and buf[i + 1] == _LF:
+                events.append(buf[start : i + 2])
+                start = pos = i + 2
+            else:
+                pos = i + 1
+        return events, start
     while (m := _END_RE.search(buf, start)) is not None:
         end = m.end()
         if end == n and buf[end - 1] == _CR:
@@ -42,6 +50,17 @@ def _split(buf: bytes) -> tuple[list[bytes], int]:
         events.append(buf[start:end])
         start = end
     return events, start
+
+
+def last_event_end(chunk: bytes) -> int:
+    """Offset just past the last event terminator inside `chunk`, or -1 (cheap)."""
+    if b"\r" not in chunk:
+        i = chunk.rfind(b"\n\n")
+        return i + 2 if i >= 0 else -1
+    end = -1
+    for m in _END_RE.finditer(chunk):
+        end = m.end()
+    return end
 
 
 class SSEDecoder:
@@ -71,7 +90,7 @@ class SSEDecoder:
             self._parts = []
         else:
             buf = bytes(data)  # a no-op for bytes; bytearray/memoryview are copied once
-        events, start = _split(buf)
+        events, start = split_events(buf)
         if start < len(buf):
             rest = buf[start:] if start else buf
             self._parts = [rest]
