@@ -66,7 +66,7 @@ async def _usage(state: AppState, call: Call, out: Outcome) -> Usage:
         uid = out.json.get("uid") if isinstance(out.json, dict) else None
         if ok and isinstance(uid, str):
             await state.runs.remember(uid, call.principal.key_id, call.principal.user,
-                                      call.provider.runs_ttl_s)
+                                      call.provider.runs_ttl_s, call.model)  # polls are priced by it
         # A run is metered when its finished result is polled, not when it is created.
         return Usage()
     if call.poll_uid is not None:

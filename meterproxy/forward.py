@@ -153,7 +153,9 @@ class ProxyRoute:
         t_body = perf_counter()
         out.upstream_wait += t_body - t_read
         out.complete = True
-        if call.metered and 200 <= resp.status < 300 and body:
+        # A run poll is a GET (not a metered path) but its finished result carries the run's usage
+        # (issue #3: it was never parsed, so async runs were never metered).
+        if (call.metered or call.poll_uid is not None) and 200 <= resp.status < 300 and body:
             try:
                 out.json = orjson.loads(body)
             except orjson.JSONDecodeError:

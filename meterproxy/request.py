@@ -189,6 +189,9 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
                 raise StoreUnavailable("The usage store is unavailable.") from exc
             if owner is None or owner[0] != principal.key_id:
                 raise NotFound("No such run.")  # SPEC: another key's run does not exist for you
+            # The poll names no model (GET, no body): meter and price its result under the model
+            # the run was created with (issue #3: polls were metered as model "" at cost 0).
+            model = owner[2]
 
     uid = os.urandom(12).hex()
     call = Call(

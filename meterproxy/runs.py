@@ -1,7 +1,8 @@
 """Async runs: which key created each run uid, and whether its result has been metered.
 
 Only the creating key may poll a run (others get 404, as if it did not exist); the finished result
-is metered once however often it is polled. Memory backend for a single process, Redis (keys with
+is metered once however often it is polled, and priced by the model the run was created with (the
+poll itself is a GET with no body to name one). Memory backend for a single process, Redis (keys with
 TTL) when the store is shared, so any replica can answer a poll.
 """
 
@@ -18,8 +19,8 @@ from meterproxy.limits import StoreError
 
 
 class RunRegistry(Protocol):
-    async def remember(self, uid: str, key_id: str, user: str, ttl_s: float) -> None: ...
-    async def owner(self, uid: str) -> tuple[str, str] | None: ...
+    async def remember(self, uid: str, key_id: str, user: str, ttl_s: float, model: str = "") -> None: ...
+    async def owner(self, uid: str) -> tuple[str, str, str] | None: ...  # (key_id, user, model)
     async def claim_metering(self, uid: str, ttl_s: float) -> bool: ...
 
 
@@ -28,48 +29,50 @@ class MemoryRuns:
 
     def __init__(self, cap: int = 100_000) -> None:
         self._cap = cap
-        self._runs: OrderedDict[str, tuple[str, str, float, bool]] = OrderedDict()
+        # uid -> (key_id, user, expiry, metered, model)
+        self._runs: OrderedDict[str, tuple[str, str, float, bool, str]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._runs)
 
-    def _get(self, uid: str) -> tuple[str, str, float, bool] | None:
+    def _get(self, uid: str) -> tuple[str, str, float, bool, str] | None:
         run = self._runs.get(uid)
         if run is not None and run[2] < time.monotonic():
             del self._runs[uid]
             return None
         return run
 
-    async def remember(self, uid: str, key_id: str, user: str, ttl_s: float) -> None:
-        self._runs[uid] = (key_id, user, time.monotonic() + ttl_s, False)
+    async def remember(self, uid: str, key_id: str, user: str, ttl_s: float, model: str = "") -> None:
+        self._runs[uid] = (key_id, user, time.monotonic() + ttl_s, False, model)
         while len(self._runs) > self._cap:
             self._runs.popitem(last=False)
 
-    async def owner(self, uid: str) -> tuple[str, str] | None:
+    async def owner(self, uid: str) -> tuple[str, str, str] | None:
         run = self._get(uid)
-        return None if run is None else (run[0], run[1])
+        return None if run is None else (run[0], run[1], run[4])
 
     async def claim_metering(self, uid: str, ttl_s: float) -> bool:
         run = self._get(uid)
         if run is None or run[3]:
             return False
-        self._runs[uid] = (run[0], run[1], run[2], True)
+        self._runs[uid] = (run[0], run[1], run[2], True, run[4])
         return True
 
 
 class RedisRuns:
-    """Run ownership in Redis: `mp:run:{uid}` → "key_id\\nuser", and a SET NX metering claim."""
+    """Run ownership in Redis: `mp:run:{uid}` → "key_id\\nuser\\nmodel", and a SET NX metering claim.
+    (A value without the model line, written before the model was kept, reads as model "".)"""
 
     def __init__(self, client: Redis | RedisCluster) -> None:
         self._r = client
 
-    async def remember(self, uid: str, key_id: str, user: str, ttl_s: float) -> None:
+    async def remember(self, uid: str, key_id: str, user: str, ttl_s: float, model: str = "") -> None:
         try:
-            await self._r.set(f"mp:run:{{{uid}}}", f"{key_id}\n{user}", px=int(ttl_s * 1000))
+            await self._r.set(f"mp:run:{{{uid}}}", f"{key_id}\n{user}\n{model}", px=int(ttl_s * 1000))
         except RedisError as exc:
             raise StoreError("runs_remember", str(exc)) from exc
 
-    async def owner(self, uid: str) -> tuple[str, str] | None:
+    async def owner(self, uid: str) -> tuple[str, str, str] | None:
         try:
             raw = await self._r.get(f"mp:run:{{{uid}}}")
         except RedisError as exc:
@@ -77,8 +80,9 @@ class RedisRuns:
         if raw is None:
             return None
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        key_id, _, user = text.partition("\n")
-        return key_id, user
+        key_id, _, rest = text.partition("\n")
+        user, _, model = rest.partition("\n")
+        return key_id, user, model
 
     async def claim_metering(self, uid: str, ttl_s: float) -> bool:
         try:
