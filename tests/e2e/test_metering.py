@@ -728,7 +728,8 @@ def test_client_disconnect_mid_stream_is_metered(mem: tuple[Proc, Proc]) -> None
     assert rec["status"] == 499 and rec["source"] == "estimated" and rec["key"] == "carol-1"
     assert rec["prompt_tokens"] == prompt_truth
     assert rec["completion_tokens"] < 400
-    deadline = time.monotonic() + 2
+    # And the provider's stream was closed (promptness itself is test_proxy_core's business).
+    deadline = time.monotonic() + 5
     while httpx.get(f"{sim.base}/_sim/stats").json()["cancelled_streams"] == before:
         assert time.monotonic() < deadline, "the provider's stream was never cancelled"
         time.sleep(0.02)
