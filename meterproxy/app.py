@@ -30,7 +30,7 @@ from meterproxy.ledger import Ledger, memory_store, redis_store
 from meterproxy.limits import Limiter
 from meterproxy.limits.memory import MemoryLimiter
 from meterproxy.limits.redis import RedisLimiter, make_redis_client
-from meterproxy.metrics import Metrics, make_registry, render_latest
+from meterproxy.metrics import Metrics, exposition_registry, make_registry, render_latest
 from meterproxy.reload import Reloader
 from meterproxy.runs import MemoryRuns, RedisRuns, RunRegistry
 from meterproxy.state import AppState, StoreHealth
@@ -125,7 +125,9 @@ class MeterProxy:
             reloader.start()
         if cfg.server.metrics_port is not None:
             try:
-                start_http_server(cfg.server.metrics_port, cfg.server.metrics_host, registry)
+                # exposition_registry: with --workers N, all workers' values, as on GET /metrics.
+                start_http_server(cfg.server.metrics_port, cfg.server.metrics_host,
+                                  exposition_registry(registry))
             except OSError as exc:  # with --workers N, one worker holds the port; the view is shared
                 log.info("metrics listener not started in pid %d: %s", os.getpid(), exc)
         try:

@@ -35,6 +35,7 @@ __all__ = [
     "TOKEN_TYPES",
     "TTFT_BUCKETS",
     "Metrics",
+    "exposition_registry",
     "make_registry",
     "mark_process_dead",
     "multiprocess_dir",
@@ -200,20 +201,28 @@ def make_registry() -> CollectorRegistry:
     return CollectorRegistry()
 
 
-def render_latest(registry: CollectorRegistry) -> tuple[bytes, str]:
-    """Body and Content-Type for `GET /metrics`.
+def exposition_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """The registry to expose for `registry`: itself, or with `PROMETHEUS_MULTIPROC_DIR` set a
+    fresh registry whose `MultiProcessCollector` merges the files of every worker (live and dead)
+    at each collection — `registry` itself then yields only this worker's values.
 
-    With `PROMETHEUS_MULTIPROC_DIR` set, the values of every worker (live and dead) are merged
-    by `MultiProcessCollector` on a fresh registry — `registry` itself holds only this worker's
-    definitions. The body is the classic text format, so the 0.0.4 content type is declared
-    (understood by every Prometheus version).
+    Used by `render_latest` and for the separate `server.metrics_port` listener: that listener was
+    given `registry` directly, so with `--workers N` it exposed the one worker holding the port
+    (found by tests/e2e/test_monitoring.py: 20 of 48 requests with 2 workers).
     """
     path = multiprocess_dir()
-    if path is not None:
-        merged = CollectorRegistry()
-        _mp.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
-        return generate_latest(merged), CONTENT_TYPE_PLAIN_0_0_4
-    return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+    if path is None:
+        return registry
+    merged = CollectorRegistry()
+    _mp.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+    return merged
+
+
+def render_latest(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """Body and Content-Type for `GET /metrics`: `exposition_registry(registry)` in the classic
+    text format, so the 0.0.4 content type is declared (understood by every Prometheus version).
+    """
+    return generate_latest(exposition_registry(registry)), CONTENT_TYPE_PLAIN_0_0_4
 
 
 def mark_process_dead(pid: int) -> None:
