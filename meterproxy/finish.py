@@ -19,7 +19,7 @@ from meterproxy.errors import ProxyError
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import StoreError
 from meterproxy.metering.body import text_in_json
-from meterproxy.metering.estimate import estimate_completion, estimate_prompt
+from meterproxy.metering.estimate import encoding_ready, estimate_completion, estimate_prompt
 from meterproxy.metering.scan import StreamScanner
 from meterproxy.metering.usage import Usage
 from meterproxy.pricing import nano_to_usd
@@ -79,7 +79,9 @@ async def _usage(state: AppState, call: Call, out: Outcome) -> Usage:
     # No usage arrived. Estimate whenever the provider may have done work: it answered 2xx, or
     # the stream broke, or the client left after the request went upstream.
     if call.metered and out.sent_upstream and (ok or out.broken or out.client_gone):
-        if len(call.body_bytes) > _BIG_PROMPT:
+        # A vocabulary's first load takes ~0.5 s: done on the event loop it stalled every request
+        # in flight and held a disconnected client's concurrency lease that long (issue #4).
+        if len(call.body_bytes) > _BIG_PROMPT or not encoding_ready(call.model):
             return await asyncio.to_thread(_estimate, call, out)
         return _estimate(call, out)
     return Usage()

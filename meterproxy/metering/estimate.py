@@ -118,6 +118,11 @@ def get_encoding(name: str) -> Encoder:
     return enc
 
 
+def encoding_ready(model: str) -> bool:
+    """Whether `model`'s vocabulary is loaded already (the first load takes ~0.5 s)."""
+    return encoding_name_for(model) in _cache
+
+
 def encoding_name_for(model: str) -> str:
     """Vocabulary for `model`: cl100k_base for GPT-4 / 3.5 / embeddings, else o200k_base."""
     m = model.rsplit("/", 1)[-1].lower()  # "openai/gpt-4o" -> "gpt-4o"
