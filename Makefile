@@ -34,8 +34,20 @@ test: $(STAMP) system-deps lint
 demo: $(STAMP) system-deps
 	$(BIN)/python scripts/demo.py
 
+# issue #6: nginx (the forwarding floor), wrk (load), redis-server (store) and taskset from Debian's
+# packages; py-spy comes with the dev extras. Writes bench/results/ and docs/performance.md.
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	@missing=""; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	{ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || missing="$$missing nginx"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v taskset >/dev/null || missing="$$missing util-linux"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
