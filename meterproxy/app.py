@@ -8,6 +8,7 @@ config reloader.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -143,6 +144,13 @@ class MeterProxy:
         finally:
             if reloader is not None:
                 await reloader.stop()
+            # uvicorn cancels the requests still running when the grace period ends and then runs
+            # this at once; their metering happens as they unwind. Without this wait the ledger
+            # drained and closed first, and asyncio.run cancelled that metering: every stream cut
+            # at the end of the grace period was missing from the ledger (issue #7).
+            pending = [t for t in state.tasks if not t.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=10.0)
             if not await ledger.drain(cfg.server.shutdown_grace_s or 5.0):
                 log.error("shutdown: %d usage records could not be written to the store",
                           ledger.backlog)

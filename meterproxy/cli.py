@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     if workers == 1:
         from meterproxy.app import MeterProxy
 
+        _graceful_exit_is_success()
         uvicorn.run(MeterProxy(cfg, args.config), **common)
         return 0
     # Several workers: one /metrics for all of them through prometheus-client's multiprocess mode.
@@ -79,6 +80,20 @@ def _run_workers(config: Any) -> None:
 
     sock = config.bind_socket()
     HupForwarding(config, sockets=[sock]).run()
+
+
+def _graceful_exit_is_success() -> None:
+    """Make `serve` exit 0 after a graceful SIGTERM / SIGINT shutdown.
+
+    uvicorn restores the handlers it found and then re-raises the signal it handled; under the
+    default dispositions that killed the process with -15 (SIGTERM) or a KeyboardInterrupt
+    traceback (SIGINT) *after* a clean drain, so supervisors saw a crash (issue #7). Handlers that
+    just return make uvicorn.run return normally. uvicorn replaces them with its own while serving.
+    """
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
 
 
 def _check(args: argparse.Namespace) -> int:

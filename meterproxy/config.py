@@ -137,6 +137,16 @@ class LimitsConfig(_Model):
     daily_usd: Decimal | None = Field(None, ge=0)
     monthly_usd: Decimal | None = Field(None, ge=0)
 
+    @field_validator("rpm", "tpm")
+    @classmethod
+    def _bucket(cls, v: int | None) -> int | None:
+        # A bucket of capacity 0 refills at 0/s: the memory limiter divided by it (500 on every
+        # request) and the Redis script errored, which fails open (issue #7). To refuse every
+        # request there are limits that mean it: concurrency 0 or a budget of 0.
+        if v == 0:
+            raise ValueError("must be at least 1 (to refuse every request use concurrency: 0 or a budget of 0)")
+        return v
+
 
 class UserConfig(_Model):
     plan: str | None = None

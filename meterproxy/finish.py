@@ -17,7 +17,7 @@ from meterproxy.auth import authenticate
 from meterproxy.config import Config
 from meterproxy.errors import ProxyError
 from meterproxy.ledger import UsageRecord
-from meterproxy.limits import StoreError
+from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
 from meterproxy.metering.estimate import encoding_ready, estimate_completion, estimate_prompt
 from meterproxy.metering.scan import StreamScanner
@@ -95,6 +95,32 @@ async def finish(state: AppState, call: Call, out: Outcome) -> None:
         log.exception("metering failed for request %s", call.request_id)
 
 
+_SETTLE_RETRIES: set[asyncio.Task[None]] = set()   # strong references to the retry tasks
+
+
+def _settle_later(state: AppState, adm: Admission, tokens: int, cost_nano: int) -> None:
+    """Retry a failed settlement in the background (it is idempotent), for about a minute.
+
+    Giving up at once left the request's concurrency lease held until `lease_ttl_s` (15 min by
+    default) and its reservation charged instead of the real usage: a store hiccup of a second as
+    two streams ended locked a key with concurrency 2 out for 15 minutes (issue #7)."""
+    async def retry() -> None:
+        delay = 0.25
+        for _ in range(10):       # 0.25 + 0.5 + 1 + 2 + 4 + 8 x 5 s ≈ 48 s
+            await asyncio.sleep(delay)
+            try:
+                await state.limiter.settle(adm, tokens, cost_nano)
+                return
+            except StoreError:
+                delay = min(delay * 2, 8.0)
+        log.warning("settlement of %s abandoned; its reservation and lease expire by themselves",
+                    adm.request_id)
+
+    task = asyncio.get_running_loop().create_task(retry())
+    _SETTLE_RETRIES.add(task)
+    task.add_done_callback(_SETTLE_RETRIES.discard)
+
+
 async def _finish(state: AppState, call: Call, out: Outcome) -> None:
     t_fin = perf_counter()
     status = CLIENT_CLOSED if out.client_gone else (out.status or 502)
@@ -108,8 +134,8 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
         try:
             await state.limiter.settle(call.adm, usage.total, cost_nano)
         except StoreError as exc:
-            # The reservation expires by itself; the lease too. Usage still reaches the ledger.
             state.health.failed(exc.operation, exc)
+            _settle_later(state, call.adm, usage.total, cost_nano)
     p = call.principal
     duration = t_fin - call.t0
     state.ledger.submit(UsageRecord(

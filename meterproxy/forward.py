@@ -77,6 +77,9 @@ class ProxyRoute:
         watcher.add_done_callback(on_disconnect)
         inflight = state.metrics.inflight.labels(call.provider.name)
         inflight.inc()
+        # Known to the lifespan, which waits for it before draining the ledger: a stream cut by the
+        # end of the shutdown grace period is metered in the finally below (issue #7).
+        state.tasks.add(task)
         try:
             await self._exchange(call, scope, send, out)
         except asyncio.CancelledError:
@@ -94,7 +97,10 @@ class ProxyRoute:
                 else:
                     resp.close()  # unread body: drop the connection so the provider stops
             inflight.dec()
-            await finish(state, call, out)
+            try:
+                await finish(state, call, out)
+            finally:
+                state.tasks.discard(task)
 
     async def _exchange(self, call: Call, scope: dict[str, Any], send: Any, out: Outcome) -> None:
         state = self.state

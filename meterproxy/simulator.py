@@ -126,8 +126,11 @@ def prompt_tokens(messages: Any, tools: Any, enc: str) -> int:
 def _seed(obj: Any) -> int:
     try:
         return zlib.crc32(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
-    except orjson.JSONEncodeError:     # e.g. integers beyond 64 bits
-        return zlib.crc32(repr(obj).encode())
+    except TypeError:     # integers beyond 64 bits, or nesting deeper than orjson writes (254)
+        try:
+            return zlib.crc32(repr(obj).encode())
+        except RecursionError:   # ~1,000 levels (orjson reads 1,024): a 500 before (issue #7)
+            return 0
 
 
 @functools.lru_cache(maxsize=8192)
@@ -764,7 +767,8 @@ class Simulator:
             hdrs[name] = f"{hdrs[name]}, {val}" if name in hdrs else val
         try:
             parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
+            orjson.dumps({"body": parsed})    # nested deeper than orjson writes (254): was a 500
+        except (orjson.JSONDecodeError, TypeError):
             parsed = None
         return {"method": method, "path": path, "query": query.decode("latin-1"),
                 "headers": hdrs, "body": parsed}

@@ -49,6 +49,11 @@ class MemoryStore:
             for period in (day_str(dn), month_str(rec.time)):
                 cells = self._agg.setdefault((rec.user, period), {})
                 cells.setdefault(dims, Totals()).add(Totals.of(rec))
+        # Bounded by count too: at 1,000 req/s a day of markers was 86M entries (~10 GB), growing
+        # without limit while the records were capped (issue #7). A retried batch is far fewer
+        # than `max_records` records behind, so deduplication still holds.
+        while len(self._seen) > self._max_records:
+            self._seen.popitem(last=False)
 
     def _append(self, rec: UsageRecord) -> None:
         # Same id rule as the Redis script: the record's own ms unless that would not be
