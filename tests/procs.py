@@ -21,11 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    """An ephemeral loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(below: int = 65536) -> int:
+    """An ephemeral loopback port that was free a moment ago (and < `below`)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < below:
+            return port
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -44,7 +47,8 @@ class RedisServer:
     """A real redis-server on an ephemeral loopback port, in its own temp dir."""
 
     def __init__(self, port: int | None = None, extra: Sequence[str] = ()) -> None:
-        self.port = port or free_port()
+        # Cluster nodes also listen on port + 10000 (the bus), which must be a valid port.
+        self.port = port or free_port(55000 if any("cluster" in e for e in extra) else 65536)
         self.dir = tempfile.mkdtemp(prefix="mp-redis-")
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
