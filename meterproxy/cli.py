@@ -13,7 +13,7 @@ import tempfile
 from typing import Any
 
 from meterproxy.auth import key_hash
-from meterproxy.config import ConfigError, load_config, summary
+from meterproxy.config import Config, ConfigError, load_config, summary
 
 
 def setup_logging() -> None:
@@ -96,12 +96,19 @@ def _graceful_exit_is_success() -> None:
         signal.signal(sig, lambda signum, frame: None)
 
 
-def _check(args: argparse.Namespace) -> int:
+def load_or_report(path: str) -> Config | None:
+    """The config at `path`, or None after printing every error (one per line) to stderr."""
     try:
-        cfg = load_config(args.file)
+        return load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = load_or_report(args.file)
+    if cfg is None:
         return 1
     print(summary(cfg))
     return 0

@@ -9,7 +9,6 @@ from typing import Any
 import httpx
 
 from meterproxy.admin import parse_when
-from meterproxy.config import ConfigError, load_config
 from meterproxy.errors import ProxyError
 
 _COLS = ("requests", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
@@ -39,11 +38,10 @@ def _fmt(row: dict[str, Any], col: str) -> str:
 
 
 async def run_usage(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    from meterproxy.cli import load_or_report
+
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return 1
     group_by = [g for g in args.group_by.split(",") if g]
     try:

@@ -234,6 +234,9 @@ def test_admin_refuses_client_keys(core) -> None:  # type: ignore[no-untyped-def
     assert httpx.get(f"{px.base}/admin/usage").status_code == 401
     ok = httpx.get(f"{px.base}/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert ok.status_code == 200 and "total" in ok.json()
+    bad = httpx.get(f"{px.base}/admin/usage/records?since_id=garbage",
+                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "since_id"
 
 
 def test_path_traversal_rejected(core) -> None:  # type: ignore[no-untyped-def]
