@@ -111,7 +111,7 @@ def _settle_later(state: AppState, adm: Admission, tokens: int, cost_nano: int) 
             try:
                 await state.limiter.settle(adm, tokens, cost_nano)
                 return
-            except StoreError:
+            except Exception:
                 delay = min(delay * 2, 8.0)
         log.warning("settlement of %s abandoned; its reservation and lease expire by themselves",
                     adm.request_id)
@@ -124,17 +124,25 @@ def _settle_later(state: AppState, adm: Admission, tokens: int, cost_nano: int) 
 async def _finish(state: AppState, call: Call, out: Outcome) -> None:
     t_fin = perf_counter()
     status = CLIENT_CLOSED if out.client_gone else (out.status or 502)
+    # Whatever fails below, the ledger record is still written: a store fault that escaped as an
+    # unexpected exception type once skipped it and lost usage (CI run of 2026-11-22).
     try:
         usage = await _usage(state, call, out)
-    except StoreError as exc:
-        state.health.failed(exc.operation, exc)
+    except Exception as exc:
+        if isinstance(exc, StoreError):
+            state.health.failed(exc.operation, exc)
+        else:
+            log.exception("usage of request %s undetermined; recording what arrived", call.request_id)
         usage = out.usage or Usage()
     cost_nano, priced = call.cfg.prices.cost_nano(call.model, usage) if call.model else (0, True)
     if call.adm is not None:
         try:
             await state.limiter.settle(call.adm, usage.total, cost_nano)
-        except StoreError as exc:
-            state.health.failed(exc.operation, exc)
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                state.health.failed(exc.operation, exc)
+            else:
+                log.exception("settlement of request %s failed; retrying", call.request_id)
             _settle_later(state, call.adm, usage.total, cost_nano)
     p = call.principal
     duration = t_fin - call.t0

@@ -13,9 +13,9 @@ from collections import OrderedDict
 from typing import Protocol
 
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import RedisError
 
 from meterproxy.limits import StoreError
+from meterproxy.limits.redis import CLIENT_FAILURES
 
 
 class RunRegistry(Protocol):
@@ -69,13 +69,13 @@ class RedisRuns:
     async def remember(self, uid: str, key_id: str, user: str, ttl_s: float, model: str = "") -> None:
         try:
             await self._r.set(f"mp:run:{{{uid}}}", f"{key_id}\n{user}\n{model}", px=int(ttl_s * 1000))
-        except RedisError as exc:
+        except CLIENT_FAILURES as exc:
             raise StoreError("runs_remember", str(exc)) from exc
 
     async def owner(self, uid: str) -> tuple[str, str, str] | None:
         try:
             raw = await self._r.get(f"mp:run:{{{uid}}}")
-        except RedisError as exc:
+        except CLIENT_FAILURES as exc:
             raise StoreError("runs_owner", str(exc)) from exc
         if raw is None:
             return None
@@ -88,5 +88,5 @@ class RedisRuns:
         try:
             return bool(await self._r.set(f"mp:run:{{{uid}}}:metered", "1", nx=True,
                                           px=int(ttl_s * 1000)))
-        except RedisError as exc:
+        except CLIENT_FAILURES as exc:
             raise StoreError("runs_claim", str(exc)) from exc

@@ -100,6 +100,22 @@ async def test_script_errors_become_store_errors(limiter: RedisLimiter, redis_ur
     assert isinstance(err.value.__cause__, redis.exceptions.ResponseError)
 
 
+async def test_closed_transport_is_a_store_error(limiter: RedisLimiter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop raises RuntimeError when redis-py writes to a transport closed under it, which a Redis
+    restart can do mid-connect. It escaped as RuntimeError: admission answered 500 and settlement
+    skipped the ledger record (seen in CI under SIGKILLed Redis). It must be a StoreError."""
+    async def closed(*_: object, **__: object) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    monkeypatch.setattr(limiter.client, "execute_command", closed)
+    for name, op in (("admit", limiter.admit(adm(0, Limits(rpm=5)))),
+                     ("settle", limiter.settle(adm(0, Limits(rpm=5)), 0, 0))):
+        with pytest.raises(StoreError) as err:
+            await op
+        assert err.value.operation == name
+        assert isinstance(err.value.__cause__, RuntimeError)
+
+
 async def test_store_down_fails_fast_and_recovers_on_restart() -> None:
     server = RedisServer().start()
     lim = RedisLimiter(make_redis_client(server.url))

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from meterproxy.ledger.record import (
     AGG_FIELDS,
@@ -45,6 +45,7 @@ from meterproxy.ledger.record import (
     parse_id,
 )
 from meterproxy.limits import StoreError
+from meterproxy.limits.redis import CLIENT_FAILURES
 
 T = TypeVar("T")
 
@@ -160,7 +161,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._timeout):
                 return await aw
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (*CLIENT_FAILURES, TimeoutError) as exc:
             raise StoreError(op, f"{type(exc).__name__}: {exc}") from exc
 
     def _args(self, rec: UsageRecord) -> tuple[list[Any], list[Any]]:

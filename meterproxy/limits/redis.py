@@ -92,6 +92,12 @@ def _key_names(user: str, key_id: str) -> tuple[tuple[str, ...], tuple[str, ...]
     return admit, settle, f"mp:{{u:{user}}}:r:"
 
 
+# What a failing store raises through redis-py: its own errors, socket errors, and RuntimeError,
+# which uvloop raises when redis-py writes to a transport closed under it (a Redis restart during
+# connect). Missing the last made a Redis restart lose ledger records (CI run of 2026-11-22).
+CLIENT_FAILURES = (RedisError, OSError, RuntimeError)
+
+
 def _opt(v: int) -> int | None:
     return None if v < 0 else v
 
@@ -120,7 +126,7 @@ class RedisLimiter:
             except NoScriptError:
                 # the script cache was emptied: EVAL loads and runs it in one round trip
                 return await self.client.execute_command("EVAL", self._src[name], numkeys, *args)
-        except (RedisError, OSError) as exc:
+        except CLIENT_FAILURES as exc:
             raise StoreError(name, f"{type(exc).__name__}: {exc}") from exc
 
     async def admit(self, adm: Admission) -> Decision:
