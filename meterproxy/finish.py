@@ -45,7 +45,6 @@ class Outcome:
     status: int = 0
     upstream_error: str | None = None
     ttft: float | None = None
-    upstream_wait: float = 0.0
     usage: Usage | None = None
     json: Any = None
     scanner: StreamScanner | None = None
@@ -160,9 +159,9 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
                    cached_prompt=usage.cached_prompt, completion=usage.completion,
                    reasoning=usage.reasoning, cost_usd=nano_to_usd(cost_nano),
                    priced=priced or not call.model)
-    m.duration.labels(call.provider.name, model, "true" if out.stream else "false").observe(duration)
+    m.child(m.duration, call.provider.name, model, "true" if out.stream else "false").observe(duration)
     if out.ttft is not None:
-        m.ttft.labels(call.provider.name, model).observe(out.ttft)
+        m.child(m.ttft, call.provider.name, model).observe(out.ttft)
     if out.upstream_error is not None:
         m.upstream_errors.labels(call.provider.name, out.upstream_error).inc()
     m.overhead.observe(call.overhead + (perf_counter() - t_fin))

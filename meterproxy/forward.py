@@ -75,7 +75,7 @@ class ProxyRoute:
                 task.cancel()
 
         watcher.add_done_callback(on_disconnect)
-        inflight = state.metrics.inflight.labels(call.provider.name)
+        inflight = state.metrics.child(state.metrics.inflight, call.provider.name)
         inflight.inc()
         # Known to the lifespan, which waits for it before draining the ledger: a stream cut by the
         # end of the shutdown grace period is metered in the finally below (issue #7).
@@ -113,7 +113,6 @@ class ProxyRoute:
                                    call.request_id, call.inject_usage)
         call.overhead += perf_counter() - call.t0
         out.sent_upstream = True
-        t_up = perf_counter()
         try:
             resp = await state.upstream.request(
                 call.method, str(URL(url, encoded=True)) if "%" in url else url, headers,
@@ -127,7 +126,6 @@ class ProxyRoute:
             return
         out.resp = resp  # from here on the finally in _forward releases or closes it
         t_hdr = perf_counter()
-        out.upstream_wait += t_hdr - t_up
         out.status = resp.status
         ctype = resp.headers.get("Content-Type", "")
         is_stream = ctype.startswith("text/event-stream")
@@ -144,7 +142,6 @@ class ProxyRoute:
                      hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
         """A non-stream answer: read it (usage is inside), then send it unchanged."""
         call.overhead += perf_counter() - t_hdr
-        t_read = perf_counter()
         try:
             body = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -157,7 +154,6 @@ class ProxyRoute:
             out.complete = True
             return
         t_body = perf_counter()
-        out.upstream_wait += t_body - t_read
         out.complete = True
         # A run poll is a GET (not a metered path) but its finished result carries the run's usage
         # (issue #3: it was never parsed, so async runs were never metered).
@@ -184,10 +180,8 @@ class ProxyRoute:
         scan_time = 0.0
         try:
             while True:
-                t_wait = perf_counter()
                 chunk = await content.readany()
                 t_got = perf_counter()
-                out.upstream_wait += t_got - t_wait
                 if not chunk:
                     break
                 if first:

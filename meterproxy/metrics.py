@@ -17,6 +17,7 @@ passing it here — every distinct label set is a time series and a cached child
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -28,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _mp
+from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -61,6 +63,7 @@ OVERHEAD_BUCKETS: tuple[float, ...] = (
 TOKEN_TYPES: tuple[str, ...] = ("prompt", "cached_prompt", "completion", "reasoning")
 
 _USAGE_LABELS = ("key", "user", "provider", "model")
+_M = TypeVar("_M", bound=MetricWrapperBase)
 
 
 def multiprocess_dir() -> str | None:
@@ -148,6 +151,16 @@ class Metrics:
             tuple[Counter, tuple[Counter, Counter, Counter, Counter], Counter],
         ] = {}
         self._unpriced_children: dict[str, Counter] = {}
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def child(self, metric: _M, *values: str) -> _M:
+        """`metric.labels(*values)`, cached: the per-request metrics (inflight, duration, ttft)
+        skip labels()'s validation and lock. Label values must be bounded, as for labels()."""
+        k = (metric, values)
+        c = self._children.get(k)
+        if c is None:
+            c = self._children[k] = metric.labels(*values)
+        return c  # type: ignore[return-value]  # labels() returns the metric's own type
 
     def record_usage(
         self, *, key: str, user: str, provider: str, model: str, status: int, source: str,

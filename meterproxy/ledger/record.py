@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Protocol, TypedDict
 
 DAY_S = 86_400
@@ -115,14 +116,20 @@ def day_num(t: float) -> int:
     return int(t // DAY_S)
 
 
+@functools.lru_cache(maxsize=1024)
 def day_str(n: int) -> str:
-    """ISO date of epoch day `n`."""
+    """ISO date of epoch day `n` (cached: every record asks, and days are few)."""
     return (_EPOCH + timedelta(days=n)).isoformat()
 
 
 def month_str(t: float) -> str:
     """"YYYY-MM" of the UTC month holding `t`."""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m")
+    return _month_of_day(day_num(t))
+
+
+@functools.lru_cache(maxsize=1024)
+def _month_of_day(n: int) -> str:
+    return day_str(n)[:7]
 
 
 def parse_id(s: str) -> tuple[int, int]:
