@@ -12,6 +12,7 @@ from time import perf_counter
 from typing import Any
 
 import aiohttp
+import orjson
 
 from meterproxy.auth import authenticate
 from meterproxy.config import Config
@@ -52,8 +53,13 @@ class Outcome:
 
 
 def _estimate(call: Call, out: Outcome) -> Usage:
-    body = call.body or {}
-    prompt = estimate_prompt(body, call.model)
+    # The parsed body is not kept past admission (a few KB per open stream): parse it again here,
+    # on the rare path with no provider usage.
+    try:
+        body = orjson.loads(call.body_bytes) if call.metered else {}
+    except orjson.JSONDecodeError:
+        body = {}
+    prompt = estimate_prompt(body if isinstance(body, dict) else {}, call.model)
     text = out.scanner.completion_text() if out.scanner is not None else text_in_json(out.json)
     completion = estimate_completion(text, call.model) if text else 0
     return Usage(prompt=prompt, completion=completion, source="estimated")

@@ -56,7 +56,7 @@ class Call:
     raw_path: bytes
     query: bytes
     body_bytes: bytes
-    body: dict[str, Any] | None
+    body: dict[str, Any] | None  # the parsed JSON body; dropped (None) once admitted
     model: str
     metered: bool
     stream_requested: bool
@@ -203,6 +203,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
         poll_uid=poll_uid,
     )
     await admit(state, call)
+    call.body = None  # read by admission only; finish re-parses body_bytes if it must estimate
     return call
 
 
