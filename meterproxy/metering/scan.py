@@ -200,6 +200,13 @@ class StreamScanner:
 
     def _feed_strip(self, chunk: bytes) -> bytes:
         dec = self._dec
+        if (not dec.pending and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2
+                and chunk.find(b"\r") < 0 and isinstance(chunk, bytes)):
+            # The usual case, one whole "\n"-terminated event per network chunk: skip the splitter.
+            new = self._rewrite(chunk)
+            if self._kept_len > _COMPACT_AT:
+                self._compact_kept()
+            return new
         held = dec.pending
         events = dec.feed(chunk)
         if not events:
