@@ -227,3 +227,18 @@ class TestLedgerContract:
         total = (await ledger.query())["total"]
         assert total["cost_nano"] == 199 * 100_000_001
         assert total["cost_usd"] == 199 * 100_000_001 / 1e9
+
+
+async def test_backlog_drops_are_reported_as_store_errors() -> None:
+    """Records dropped at the backlog cap are lost usage: each one is reported to on_store_error as
+    "ledger_drop" (-> meterproxy_store_errors_total{operation="ledger_drop"}, which pages)."""
+    ops: list[str] = []
+    ledger = Ledger(memory_store(), max_backlog=3, on_store_error=ops.append)
+    for i in range(7):      # the writer is not started: everything queues
+        ledger.submit(make(i, D0 + i))
+    assert ledger.dropped == 4 and ops == ["ledger_drop"] * 4
+    await ledger.start()
+    assert await ledger.drain(5)
+    assert [r["request_id"] for r in (await ledger.records(None, 10))["records"]] == \
+        [make(i, D0 + i).request_id for i in range(4, 7)]
+    await ledger.close(1)

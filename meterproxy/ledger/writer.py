@@ -59,6 +59,9 @@ class Writer:
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.error("ledger backlog over %d records: dropped %d oldest so far",
                           self._max_backlog, self.dropped)
+            # Lost usage must be visible where operators look: each drop is a failed store
+            # operation "ledger_drop" (meterproxy_store_errors_total; alert MeterproxyUsageDropped).
+            self._report_error("ledger_drop")
         self._queue.append(rec)
         self._idle.clear()
         self._wake.set()
@@ -78,10 +81,13 @@ class Writer:
         if failures == 1 or failures % 60 == 0:
             log.warning("ledger write failed (%d in a row, backlog %d): %s",
                         failures, self.backlog, exc)
+        self._report_error("ledger_write")
+
+    def _report_error(self, operation: str) -> None:
         if self._on_store_error is not None:
             try:
-                self._on_store_error("ledger_write")
-            except Exception:
+                self._on_store_error(operation)
+            except Exception:   # a metrics callback must never break metering
                 log.exception("on_store_error callback failed")
 
     async def start(self) -> None:
