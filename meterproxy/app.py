@@ -106,8 +106,11 @@ class MeterProxy:
         limiter: Limiter
         runs: RunRegistry
         if cfg.store.url:
+            # On a single node both are WireRedis connections (RedisCluster on a cluster). The
+            # limiter, runs and readiness share `fast`; the ledger writes on `slow`, its own
+            # connection with more time per call, so a 1,000-command batch never sits in front of
+            # an admission; the ledger's reads go through a redis-py client it opens (RedisStore).
             fast = make_redis_client(cfg.store.url, cfg.store.timeout_ms / 1000)
-            # Ledger batches are larger than an admission: give them more time per call.
             slow = make_redis_client(cfg.store.url, max(cfg.store.timeout_ms / 1000, 2.0))
             clients += [fast, slow]
             limiter = RedisLimiter(fast, lease_ttl_s=cfg.store.lease_ttl_s)

@@ -16,6 +16,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from meterproxy.limits import StoreError
 from meterproxy.limits.redis import CLIENT_FAILURES
+from meterproxy.limits.wire import WireRedis
 
 
 class RunRegistry(Protocol):
@@ -63,7 +64,7 @@ class RedisRuns:
     """Run ownership in Redis: `mp:run:{uid}` → "key_id\\nuser\\nmodel", and a SET NX metering claim.
     (A value without the model line, written before the model was kept, reads as model "".)"""
 
-    def __init__(self, client: Redis | RedisCluster) -> None:
+    def __init__(self, client: WireRedis | Redis | RedisCluster) -> None:
         self._r = client
 
     async def remember(self, uid: str, key_id: str, user: str, ttl_s: float, model: str = "") -> None:

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from meterproxy.limits import Admission, Limits, StoreError
-from meterproxy.limits.redis import RedisLimiter, make_redis_client
+from meterproxy.limits.redis import RedisLimiter, make_redis_client, make_redispy_client
 from tests.procs import RedisServer, free_port
 
 
@@ -62,7 +62,7 @@ async def test_noscript_reloads_transparently(limiter: RedisLimiter, redis_url: 
 
 async def test_script_flush_mid_traffic_loses_nothing(
         limiter: RedisLimiter, redis_url: str) -> None:
-    flusher = make_redis_client(redis_url)
+    flusher = make_redispy_client(redis_url)
     stop = asyncio.Event()
 
     async def flush_repeatedly() -> int:

@@ -26,6 +26,7 @@ from meterproxy.ledger.query import GROUP_FIELDS, run_query, summary
 from meterproxy.ledger.record import LedgerStore, Totals, UsageJSON, UsageRecord, record_json
 from meterproxy.ledger.redis import RedisStore
 from meterproxy.ledger.writer import Writer
+from meterproxy.limits.wire import WireRedis
 
 __all__ = [
     "GROUP_FIELDS", "MAX_RECORDS_PAGE", "Ledger", "LedgerStore", "MemoryStore", "RedisStore",
@@ -40,9 +41,13 @@ def memory_store() -> LedgerStore:
     return MemoryStore()
 
 
-def redis_store(client: Redis | RedisCluster) -> LedgerStore:
-    """A store on Redis (a node or a cluster) through `client`, which the caller owns."""
-    return RedisStore(client)
+def redis_store(client: Redis | RedisCluster | WireRedis,
+                writer: WireRedis | None = None) -> LedgerStore:
+    """A store on Redis (a node or a cluster) through clients the caller owns: `client` from
+    `make_redis_client` (on a single node a WireRedis: writes through it, reads through a
+    redis-py client the store opens and closes), or a redis-py client for reads plus an optional
+    WireRedis `writer` (see RedisStore)."""
+    return RedisStore(client, writer)
 
 
 class Ledger:

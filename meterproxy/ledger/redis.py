@@ -14,7 +14,9 @@ Layout. Per-user keys share the hash tag `{u:<user>}`, the record keys the tag `
 A record is written by two scripts, one per slot, each atomic and idempotent on its own marker
 (SET NX inside the script), so a retried batch — after a timeout that did commit, or that
 committed one half — never counts twice. A batch is one pipeline of those calls: one round trip
-on a single node; on Redis Cluster (`redis+cluster://`) redis-py sends one pipeline per node.
+on a single node (one write on a WireRedis, limits/wire.py, when the store has one); on Redis
+Cluster (`redis+cluster://`) redis-py sends one pipeline per node. Reads always go through
+redis-py.
 The stream is one key, so on a cluster every record write also lands on that key's node.
 
 The markers cost ~200 bytes per request for `dedupe_ttl_s` (default an hour: a retry comes
@@ -45,7 +47,8 @@ from meterproxy.ledger.record import (
     parse_id,
 )
 from meterproxy.limits import StoreError
-from meterproxy.limits.redis import CLIENT_FAILURES
+from meterproxy.limits.redis import CLIENT_FAILURES, make_redispy_client
+from meterproxy.limits.wire import Arg, WireRedis
 
 T = TypeVar("T")
 
@@ -146,11 +149,24 @@ def _cells(user: str, period: str, raw: dict[Any, Any]) -> list[Cell]:
 
 
 class RedisStore:
-    """The ledger on Redis. Every call is bounded by `timeout`; failures raise StoreError."""
+    """The ledger on Redis. Every call is bounded by `timeout`; failures raise StoreError.
 
-    def __init__(self, client: Redis | RedisCluster, *, max_records: int = 1_000_000,
-                 dedupe_ttl_s: int = 3600, timeout: float = 5.0) -> None:
-        self._r = client
+    `client` (redis-py) serves the reads, and the writes unless a WireRedis `writer` is given:
+    then each batch is one write and one read of replies on the writer's own connection. A
+    WireRedis as `client` (what `make_redis_client` returns for a single node) is taken as the
+    writer, and the store reads through a redis-py client of its own on the same URL, which
+    `close()` closes. The caller owns the clients it passed.
+    """
+
+    def __init__(self, client: Redis | RedisCluster | WireRedis, writer: WireRedis | None = None,
+                 *, max_records: int = 1_000_000, dedupe_ttl_s: int = 3600,
+                 timeout: float = 5.0) -> None:
+        self._own_reader = isinstance(client, WireRedis)
+        if isinstance(client, WireRedis):
+            writer = writer or client
+            client = make_redispy_client(client.url, client.timeout_s)
+        self._r: Redis | RedisCluster = client
+        self._w = writer
         self._max_records = max_records
         self._dedupe_ttl_s = dedupe_ttl_s
         self._timeout = timeout
@@ -180,9 +196,14 @@ class RedisStore:
 
     async def _load(self) -> tuple[str, str]:
         if self._shas is None:
-            # On a cluster, redis-py sends SCRIPT LOAD to every primary.
-            agg = await self._call("ledger_write", self._r.script_load(_AGGREGATE))
-            rec = await self._call("ledger_write", self._r.script_load(_RECORD))
+            if self._w is not None:
+                agg, rec = await self._call("ledger_write", self._w.execute_many(
+                    [("SCRIPT", "LOAD", _AGGREGATE), ("SCRIPT", "LOAD", _RECORD)],
+                    raise_on_error=True))
+            else:
+                # On a cluster, redis-py sends SCRIPT LOAD to every primary.
+                agg = await self._call("ledger_write", self._r.script_load(_AGGREGATE))
+                rec = await self._call("ledger_write", self._r.script_load(_RECORD))
             self._shas = (_s(agg), _s(rec))
         return self._shas
 
@@ -193,11 +214,17 @@ class RedisStore:
         args = [self._args(rec) for rec in batch]
         for _ in range(2):
             agg_sha, rec_sha = await self._load()
-            pipe = self._r.pipeline(transaction=False)
-            for agg, row in args:
-                pipe.execute_command("EVALSHA", agg_sha, *agg)
-                pipe.execute_command("EVALSHA", rec_sha, *row)
-            results = await self._call("ledger_write", pipe.execute(raise_on_error=False))
+            if self._w is not None:
+                cmds: list[tuple[Arg, ...]] = []
+                for agg, row in args:
+                    cmds += [("EVALSHA", agg_sha, *agg), ("EVALSHA", rec_sha, *row)]
+                results = await self._call("ledger_write", self._w.execute_many(cmds))
+            else:
+                pipe = self._r.pipeline(transaction=False)
+                for agg, row in args:
+                    pipe.execute_command("EVALSHA", agg_sha, *agg)
+                    pipe.execute_command("EVALSHA", rec_sha, *row)
+                results = await self._call("ledger_write", pipe.execute(raise_on_error=False))
             if not any(isinstance(r, NoScriptError) for r in results):
                 break
             # Redis restarted or flushed its scripts: reload and resend the whole batch,
@@ -264,4 +291,6 @@ class RedisStore:
         return [(_s(i), _from_stream(fields)) for i, fields in raw or ()]
 
     async def close(self) -> None:
-        """The caller owns the client; nothing to release here."""
+        """Close the reader the store opened itself, if any; the caller owns the others."""
+        if self._own_reader:
+            await self._r.aclose()

@@ -1,5 +1,8 @@
 """Redis limiter: any number of proxy processes share limits through one Redis (or Redis Cluster).
 
+The client is `make_redis_client`'s: WireRedis (wire.py, one pipelined connection, a fraction
+of redis-py's CPU per command) on a single node, redis-py's RedisCluster on a cluster.
+
 Each call is one round trip: `EVALSHA` of a package Lua script (admit.lua, settle.lua,
 status.lua, each prefixed with common.lua). A NOSCRIPT answer (after `SCRIPT FLUSH`, a restart,
 a failover, a new cluster node) is the only error retried, with `EVAL` of the full script, which
@@ -40,34 +43,54 @@ from redis.exceptions import NoScriptError, RedisError
 
 from meterproxy.limits import LIMIT_NAMES, Admission, Decision, Limits, RateSnapshot, StoreError
 from meterproxy.limits._view import status_view
+from meterproxy.limits.wire import WireRedis
 
-__all__ = ["RedisLimiter", "make_redis_client"]
+__all__ = ["RedisClient", "RedisLimiter", "make_redis_client", "make_redispy_client"]
 
-RedisClient = Redis | RedisCluster
+# What the limiter runs on: WireRedis on a single node (make_redis_client), RedisCluster on a
+# cluster; a redis-py Redis works too (slower: it is what the benchmark compares against).
+RedisClient = WireRedis | Redis | RedisCluster
 # limit names as the script returns them (bytes, or str with decode_responses)
 _NAMES: dict[bytes | str, str] = {
     **{n: n for n in LIMIT_NAMES}, **{n.encode(): n for n in LIMIT_NAMES}}
 
 
-def make_redis_client(url: str, timeout_s: float = 0.25, max_connections: int = 64) -> RedisClient:
-    """A client for `redis://host:port/db` or `redis+cluster://host:port`, built for the hot path.
+def make_redis_client(url: str, timeout_s: float = 0.25,
+                      max_connections: int = 64) -> WireRedis | RedisCluster:
+    """The hot-path client: WireRedis (one pipelined connection) for `redis://`, `rediss://` and
+    `unix://`; redis-py's RedisCluster for `redis+cluster://host:port`.
+
+    `timeout_s` bounds every command (and connecting); nothing is retried, because a retried
+    script may already have committed. `max_connections` only applies to the cluster client.
+    """
+    if url.startswith("redis+cluster://"):
+        return _cluster_client(url, timeout_s, max_connections)
+    return WireRedis(url, timeout_s)
+
+
+def make_redispy_client(url: str, timeout_s: float = 0.25,
+                        max_connections: int = 64) -> Redis | RedisCluster:
+    """A redis-py client (what the ledger reads through, and what the hot path used before).
 
     Short socket timeouts so a dead store fails fast; retries disabled, because a retried
     script may already have committed; a bounded pool that waits briefly for a free connection.
     """
-    no_retry = Retry(NoBackoff(), 0)
     if url.startswith("redis+cluster://"):
-        return RedisCluster.from_url(
-            "redis://" + url.removeprefix("redis+cluster://"),
-            socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            health_check_interval=30, retry=no_retry, max_connections=max_connections,
-        )
+        return _cluster_client(url, timeout_s, max_connections)
     pool = BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=max(1.0, 4 * timeout_s),
         socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        health_check_interval=30, retry=no_retry,
+        health_check_interval=30, retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)
+
+
+def _cluster_client(url: str, timeout_s: float, max_connections: int) -> RedisCluster:
+    return RedisCluster.from_url(
+        "redis://" + url.removeprefix("redis+cluster://"),
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        health_check_interval=30, retry=Retry(NoBackoff(), 0), max_connections=max_connections,
+    )
 
 
 def _script(name: str) -> str:
@@ -92,9 +115,10 @@ def _key_names(user: str, key_id: str) -> tuple[tuple[str, ...], tuple[str, ...]
     return admit, settle, f"mp:{{u:{user}}}:r:"
 
 
-# What a failing store raises through redis-py: its own errors, socket errors, and RuntimeError,
-# which uvloop raises when redis-py writes to a transport closed under it (a Redis restart during
-# connect). Missing the last made a Redis restart lose ledger records (CI run of 2026-11-22).
+# What a failing store raises: redis-py's errors (WireRedis raises the same classes), socket
+# errors, and RuntimeError, which uvloop raises when redis-py writes to a transport closed under it
+# (a Redis restart during connect). Missing the last made a Redis restart lose ledger records (CI
+# run of 2026-11-22).
 CLIENT_FAILURES = (RedisError, OSError, RuntimeError)
 
 
@@ -103,7 +127,8 @@ def _opt(v: int) -> int | None:
 
 
 class RedisLimiter:
-    """`Limiter` on Redis or Redis Cluster. The client should come from `make_redis_client`.
+    """`Limiter` on Redis or Redis Cluster. The client should come from `make_redis_client`
+    (WireRedis on a single node, RedisCluster on a cluster).
 
     `time_offset_ms` shifts the scripts' clock; only tests set it (to run refill and calendar
     windows without sleeping).
@@ -161,7 +186,7 @@ class RedisLimiter:
         return status_view(lim, r)
 
     async def close(self) -> None:
-        """Close the client and its connection pool."""
+        """Close the client (its connection, or its connection pool)."""
         await self.client.aclose()
 
 
