@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from meterproxy.ledger import Ledger, RedisStore, memory_store, redis_store
 from meterproxy.limits import StoreError
+from meterproxy.limits.wire import WireRedis
 from tests.procs import RedisServer
 from tests.test_ledger import D0, DAY, dataset, expected, make, usage
 
@@ -21,6 +22,17 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     c = aioredis.Redis.from_url(redis_url)
     yield c
     await c.aclose()
+
+
+@pytest.fixture(params=["pipeline", "wire"])
+async def writer(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[WireRedis | None]:
+    """How RedisStore writes: a redis-py pipeline (cluster mode), or a WireRedis batch."""
+    if request.param == "pipeline":
+        yield None
+        return
+    w = WireRedis(redis_url, 2.0)
+    yield w
+    await w.aclose()
 
 
 @pytest.fixture()
@@ -74,8 +86,8 @@ async def test_outage_backlog_then_exact_totals(durable_server: RedisServer) -> 
     await client.aclose()
 
 
-async def test_retried_batch_does_not_double_count(client: aioredis.Redis) -> None:
-    store = RedisStore(client)
+async def test_retried_batch_does_not_double_count(client: aioredis.Redis, writer: WireRedis | None) -> None:
+    store = RedisStore(client, writer)
     batch = dataset(50)
     # A batch that timed out after committing half of it, then retried whole, then again.
     await store.write(batch[:25])
@@ -86,8 +98,8 @@ async def test_retried_batch_does_not_double_count(client: aioredis.Redis) -> No
     assert await client.xlen("mp:{records}") == 50
 
 
-async def test_noscript_reload(client: aioredis.Redis) -> None:
-    store = RedisStore(client)
+async def test_noscript_reload(client: aioredis.Redis, writer: WireRedis | None) -> None:
+    store = RedisStore(client, writer)
     await store.write([make(1, D0)])
     await client.script_flush()
     await store.write([make(2, D0 + 1), make(3, D0 + 2)])
@@ -95,8 +107,8 @@ async def test_noscript_reload(client: aioredis.Redis) -> None:
     assert total == usage([make(1, D0), make(2, D0 + 1), make(3, D0 + 2)])
 
 
-async def test_layout_and_ttls(client: aioredis.Redis) -> None:
-    store = RedisStore(client)
+async def test_layout_and_ttls(client: aioredis.Redis, writer: WireRedis | None) -> None:
+    store = RedisStore(client, writer)
     await store.write([make(1, D0 + 10, user="alice", key="k|1", model="a/b")])
     day_ttl = await client.ttl("mp:{u:alice}:agg:2026-11-29")
     month_ttl = await client.ttl("mp:{u:alice}:agg:2026-11")
