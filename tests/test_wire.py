@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -308,7 +309,8 @@ async def test_close_fails_pending_and_later_commands_reconnect(wire: WireRedis)
 
 async def test_ledger_writes_through_wire_across_an_outage() -> None:
     """redis_store(make_redis_client(...)) as the app builds it: batches on WireRedis (NOSCRIPT
-    after the restart reloads and resends), reads on the store's own redis-py client."""
+    after the restart reloads and resends), reads on the store's own redis-py client, whose
+    pooled connection the restart closed (found by tests/e2e/test_reliability.py)."""
     s = RedisServer(extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
     writer = make_redis_client(s.url, 1.0)
     assert isinstance(writer, WireRedis)
@@ -320,6 +322,7 @@ async def test_ledger_writes_through_wire_across_an_outage() -> None:
         for r in recs[:100]:
             ledger.submit(r)
         assert await ledger.drain(10)
+        assert (await ledger.query())["total"]["requests"] == 100   # a pooled read connection
         s.stop()
         for r in recs[100:]:
             ledger.submit(r)
@@ -330,6 +333,7 @@ async def test_ledger_writes_through_wire_across_an_outage() -> None:
         assert set(errors) == {"ledger_write"} and ledger.backlog == 100
         s.start()   # data kept (AOF), script cache empty
         assert await ledger.drain(15)
+        # the first read after the restart succeeds (the reader redials its stale connection)
         assert await ledger.query(group_by=["user", "day"]) == expected(recs, ["user", "day"])
     finally:
         await ledger.close(1)
@@ -369,3 +373,34 @@ def test_on_uvloop() -> None:
             runner.run(main())
     finally:
         s.cleanup()
+
+
+class _Staller(asyncio.Protocol):
+    def data_received(self, data: bytes) -> None:
+        time.sleep(0.25)   # a callback that hogs the loop (or the process descheduled)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_stalled_loop_is_not_a_timeout(redis_url: str, loop: str) -> None:
+    """uvloop runs due timers before it polls sockets again: after a 250 ms stall in an I/O
+    callback, the deadline timer fired before the reply that had arrived meanwhile was read, and
+    19 of 20 such commands failed with TimeoutError (and took every pending command with them).
+    The deadline is checked again after one poll."""
+    async def main() -> None:
+        c = WireRedis(redis_url, 0.1)
+        a, b = socket.socketpair()
+        try:
+            await c.ping()
+            await asyncio.get_running_loop().create_connection(_Staller, sock=a)
+            for _ in range(10):
+                f = asyncio.ensure_future(c.execute_command("BLPOP", "q", 0.02))
+                await asyncio.sleep(0.001)
+                b.send(b"x")   # the loop stalls in _Staller; BLPOP answers during the stall
+                assert await f is None
+        finally:
+            b.close()
+            await c.aclose()
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())

@@ -164,7 +164,9 @@ class RedisStore:
         self._own_reader = isinstance(client, WireRedis)
         if isinstance(client, WireRedis):
             writer = writer or client
-            client = make_redispy_client(client.url, client.timeout_s)
+            # reads are idempotent: one retry, so the first read after a Redis restart does not
+            # fail on a pooled connection the restart closed
+            client = make_redispy_client(client.url, client.timeout_s, retries=1)
         self._r: Redis | RedisCluster = client
         self._w = writer
         self._max_records = max_records

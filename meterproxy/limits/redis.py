@@ -68,28 +68,32 @@ def make_redis_client(url: str, timeout_s: float = 0.25,
     return WireRedis(url, timeout_s)
 
 
-def make_redispy_client(url: str, timeout_s: float = 0.25,
-                        max_connections: int = 64) -> Redis | RedisCluster:
+def make_redispy_client(url: str, timeout_s: float = 0.25, max_connections: int = 64, *,
+                        retries: int = 0) -> Redis | RedisCluster:
     """A redis-py client (what the ledger reads through, and what the hot path used before).
 
-    Short socket timeouts so a dead store fails fast; retries disabled, because a retried
-    script may already have committed; a bounded pool that waits briefly for a free connection.
+    Short socket timeouts so a dead store fails fast; no retries unless asked, because a retried
+    script may already have committed (reads may retry: after a Redis restart, the first command
+    on each pooled connection fails, and a retry dials a new one); a bounded pool that waits
+    briefly for a free connection.
     """
     if url.startswith("redis+cluster://"):
-        return _cluster_client(url, timeout_s, max_connections)
+        return _cluster_client(url, timeout_s, max_connections, retries)
     pool = BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=max(1.0, 4 * timeout_s),
         socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        health_check_interval=30, retry=Retry(NoBackoff(), 0),
+        health_check_interval=30, retry=Retry(NoBackoff(), retries),
     )
     return Redis.from_pool(pool)
 
 
-def _cluster_client(url: str, timeout_s: float, max_connections: int) -> RedisCluster:
+def _cluster_client(url: str, timeout_s: float, max_connections: int,
+                    retries: int = 0) -> RedisCluster:
     return RedisCluster.from_url(
         "redis://" + url.removeprefix("redis+cluster://"),
         socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        health_check_interval=30, retry=Retry(NoBackoff(), 0), max_connections=max_connections,
+        health_check_interval=30, retry=Retry(NoBackoff(), retries),
+        max_connections=max_connections,
     )
 
 

@@ -78,6 +78,7 @@ class _Connection(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
         self.pending: deque[_Call] = deque()
         self.timer: asyncio.TimerHandle | None = None
+        self.overdue: _Call | None = None   # found past its deadline once; fails if still pending
         self.closed = False                 # set once: no command may be sent any more
         self.lost: asyncio.Future[None] = loop.create_future()   # done when the transport is gone
 
@@ -146,11 +147,17 @@ class _Connection(asyncio.Protocol):
         self.timer = None
         if self.closed or not self.pending:
             return
-        deadline = self.pending[0].deadline
-        if self.loop.time() + _SLACK_S >= deadline:
-            self.fail(RedisTimeoutError(f"Timeout reading from {self.addr}"))
+        oldest = self.pending[0]
+        if self.loop.time() + _SLACK_S < oldest.deadline:
+            self.timer = self.loop.call_at(oldest.deadline, self._check_deadline)
+        elif self.overdue is not oldest:
+            # Overdue, but perhaps only because this process was busy or descheduled: uvloop runs
+            # due timers before polling sockets, so after a stall the reply may be waiting unread.
+            # Look again after one poll (a timer 1 ms ahead is not run in this same pass).
+            self.overdue = oldest
+            self.timer = self.loop.call_later(_SLACK_S, self._check_deadline)
         else:
-            self.timer = self.loop.call_at(deadline, self._check_deadline)
+            self.fail(RedisTimeoutError(f"Timeout reading from {self.addr}"))
 
     def fail(self, exc: RedisError) -> None:
         """Close for good and fail every pending call with (a copy of) `exc`."""
