@@ -10,7 +10,9 @@ replies are matched FIFO to a deque of waiting futures. No Task, no pool, no per
 - Timeouts: each command has a deadline `timeout_s` after it is sent; one timer per connection
   watches the oldest. A late reply makes the connection unusable (the next reply would go to the
   wrong caller), so a timeout closes it and fails every pending command with TimeoutError; the
-  next command reconnects. Nothing is retried: a timed-out script may have committed.
+  next command reconnects. Nothing is retried: a timed-out script may have committed. (An overdue
+  command is looked at again after one socket poll, so a stall of this process is not taken for
+  a slow server.)
 - Connection loss fails every pending command with ConnectionError; the next command reconnects
   (callers arriving meanwhile share the one attempt). A refused connect fails at once.
 - A cancelled caller's reply is still read, in its turn, and dropped.
