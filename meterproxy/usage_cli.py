@@ -47,9 +47,9 @@ async def run_usage(args: argparse.Namespace) -> int:
     try:
         if cfg.store.url and not args.url:
             from meterproxy.ledger import Ledger, redis_store
-            from meterproxy.limits.redis import make_redis_client
+            from meterproxy.limits.redis import make_redispy_client
 
-            client = make_redis_client(cfg.store.url, 5.0)
+            client = make_redispy_client(cfg.store.url, 5.0, retries=1)  # reads only
             ledger = Ledger(redis_store(client))
             try:
                 result = await ledger.query(
