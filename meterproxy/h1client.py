@@ -128,14 +128,15 @@ class Pool:
 class Client:
     """`await request(...)` returns a Response once its headers are in (see meterproxy/h1conn.py)."""
 
-    def __init__(self, connect_timeout_s: float = 10.0, keepalive_s: float = 30.0) -> None:
+    def __init__(self, connect_timeout_s: float = 10.0, keepalive_s: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
         self._routes: dict[str, tuple[Pool, str]] = {}  # origin as written → pool, Host header
         self._pools: dict[tuple[str, str, int], Pool] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[_Addr]]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # None: the default context, made on the first https origin
 
     async def request(self, method: str, url: str, headers: Sequence[tuple[str, str]],
                       body: bytes | None, timeout_s: float) -> Response:
