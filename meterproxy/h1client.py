@@ -120,9 +120,11 @@ class Pool:
         if self.sweeper is not None:
             self.sweeper.cancel()
             self.sweeper = None
+        for conn in self.idle:
+            conn.idle = False
+        self.idle.clear()
         for conn in list(self.conns):
             conn.abort()
-        self.idle.clear()
 
 
 class Client:
@@ -177,6 +179,8 @@ class Client:
         conn = pool.take()
         if conn is None:
             conn = await pool.connect(deadline)
+            if conn.transport.is_closing():  # the server closed it at once (uvloop would raise on write)
+                raise BrokenStream("the provider closed the connection before answering")
         resp = Response(loop, conn)
         conn.resp = resp
         conn.head = method == "HEAD"

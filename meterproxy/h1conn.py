@@ -89,13 +89,12 @@ class Response:
     (body read) or `close()` (abandon: the connection is dropped so the provider stops)."""
 
     __slots__ = ("_body", "_chunks", "_conn", "_done", "_exc", "_loop", "_size", "_timer", "_waiter",
-                 "_whole", "content", "headers", "raw_headers", "status")
+                 "_whole", "headers", "raw_headers", "status")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers = Headers(self.raw_headers)
-        self.content = self  # aiohttp's spelling: resp.content.readany()
         self._loop = loop
         self._conn: Connection | None = conn
         self._chunks: list[bytes] = []
@@ -106,6 +105,12 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._body: bytes | None = None
+
+    @property
+    def content(self) -> Response:
+        """aiohttp's spelling, resp.content.readany(). A property, not `self.content = self`: that
+        would be a reference cycle per request, kept (with its body) until the cyclic GC runs."""
+        return self
 
     async def read(self) -> bytes:
         """The whole body."""
