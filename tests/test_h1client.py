@@ -561,8 +561,10 @@ def test_cancel_while_waiting_for_headers_closes_the_socket(run: Any) -> None:
     run(main())
 
 
-def test_slow_reader_pauses_the_socket(run: Any) -> None:
-    size = 32 * 1024 * 1024  # more than loopback socket buffers hold
+async def slow_reader_scenario(url: str, srv_ctx: ssl.SSLContext | None, client: Client) -> None:
+    """A 32 MB body (more than loopback socket buffers hold) read by a slow consumer: the client
+    stops reading the socket past READ_HIGH_WATER, and TCP holds the server back."""
+    size = 32 * 1024 * 1024
     finished = asyncio.Event()
 
     async def handler(req: Request, reader: Reader, writer: Writer) -> None:
@@ -573,22 +575,40 @@ def test_slow_reader_pauses_the_socket(run: Any) -> None:
             await writer.drain()
         finished.set()
 
+    async with Server(handler, tls=srv_ctx) as srv:
+        resp = await client.request("GET", url.format(port=srv.port), [], None, 20)
+        got = len(await resp.content.readany())
+        await asyncio.sleep(0.5)  # a slow consumer
+        conn = resp._conn
+        assert conn is not None and conn.paused
+        assert resp._size <= READ_HIGH_WATER + 256 * 1024  # one socket read past the mark at most
+        assert not finished.is_set()  # the server is held back by TCP, not buffered by us
+        while chunk := await resp.content.readany():
+            got += len(chunk)
+            assert resp._size <= READ_HIGH_WATER + 256 * 1024
+        assert got == size and finished.is_set()
+        resp.release()
+        await client.close()
+
+
+def test_slow_reader_pauses_the_socket(run: Any) -> None:
     async def main() -> None:
-        finished.clear()
+        await slow_reader_scenario("http://127.0.0.1:{port}/", None, Client())
+    run(main())
+
+
+def test_large_request_body(run: Any) -> None:
+    async def handler(req: Request, reader: Reader, writer: Writer) -> None:
+        digest = str(len(req.body)).encode() + b":" + req.body[-8:]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(digest), digest))
+        await writer.drain()
+
+    async def main() -> None:
         async with Server(handler) as srv:
             client = Client()
-            resp = await client.request("GET", srv.url, [], None, 20)
-            got = len(await resp.content.readany())
-            await asyncio.sleep(0.5)  # a slow consumer
-            conn = resp._conn
-            assert conn is not None and conn.paused
-            assert resp._size <= READ_HIGH_WATER + 256 * 1024  # one socket read past the mark at most
-            assert not finished.is_set()  # the server is held back by TCP, not buffered by us
-            while chunk := await resp.content.readany():
-                got += len(chunk)
-                assert resp._size <= READ_HIGH_WATER + 256 * 1024
-            assert got == size and finished.is_set()
-            resp.release()
+            body = b"x" * (1024 * 1024 - 8) + b"the-tail"  # past the join limit: two buffers, one write
+            _, data = await get(client, srv.url, "POST", body)
+            assert data == b"1048576:the-tail"
             await client.close()
     run(main())
 
@@ -626,4 +646,15 @@ def test_https_with_sni_and_verification(run: Any, cert: tuple[Path, Path]) -> N
                 await strict.request("GET", f"https://localhost:{srv.port}/v1", [], None, 5)
             await strict.close()
             await client.close()
+    run(main())
+
+
+def test_https_slow_reader_pauses_the_socket(run: Any, cert: tuple[Path, Path]) -> None:
+    crt, key = cert
+
+    async def main() -> None:
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(crt, key)
+        client = Client(ssl_context=ssl.create_default_context(cafile=str(crt)))
+        await slow_reader_scenario("https://localhost:{port}/", server_ctx, client)
     run(main())
