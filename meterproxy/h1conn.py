@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # Unread body bytes beyond which the socket stops being read (TCP then pushes back on the
 # provider): a slow client must not make the proxy buffer a whole stream.
 READ_HIGH_WATER = 64 * 1024
+# Response headers beyond this many bytes are refused (aiohttp refused lines over 8 KB): a broken
+# or hostile provider cannot grow the proxy's memory through endless headers.
+MAX_HEADER_BYTES = 256 * 1024
 
 
 class ConnectError(OSError):
@@ -263,12 +266,16 @@ class Connection(asyncio.Protocol):
         resp = self.resp
         if resp is not None and not resp.status:  # not the trailers of a chunked body
             resp.raw_headers.append((name, value))
+            resp._size += len(name) + len(value)  # the body's buffer count is free until the body
+            if resp._size > MAX_HEADER_BYTES:
+                self._broken(BrokenStream("the provider's response headers are too large"))
 
     def on_headers_complete(self) -> None:
         resp = self.resp
         if resp is None:
             return
         status = self.parser.get_status_code()
+        resp._size = 0
         if status < 200:
             # 1xx (100 Continue, 103 Early Hints): informational, the real answer follows. (101
             # raises HttpParserUpgrade from feed_data: we never ask to switch protocols.)

@@ -281,6 +281,23 @@ def test_malformed_response_is_a_broken_stream(run: Any) -> None:
     run(main())
 
 
+def test_endless_headers_are_refused(run: Any) -> None:
+    async def handler(req: Request, reader: Reader, writer: Writer) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for i in range(100_000):
+                writer.write(b"x-h%d: %s\r\n" % (i, b"v" * 100))
+                await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            with pytest.raises(BrokenStream, match="too large"):
+                await client.request("GET", srv.url, [], None, 10)
+            await client.close()
+    run(main())
+
+
 # --- keep-alive ---------------------------------------------------------------------------------
 
 def test_keepalive_reuses_one_connection(run: Any) -> None:
