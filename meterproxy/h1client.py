@@ -29,6 +29,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import zip_longest
 from urllib.parse import urlsplit
 
 from meterproxy.h1conn import BrokenStream, ConnectError, Connection, DNSError, Headers, Response
@@ -95,24 +96,31 @@ class Pool:
             self.sweeper = client.loop.call_at(idle[0].idle_since + client.keepalive_s, self._sweep)
 
     async def connect(self, deadline: float) -> Connection:
-        """A new connection, within the connect timeout and the request's deadline."""
+        """A new connection, within the connect timeout and the request's deadline. Addresses are
+        tried in turn (families interleaved, see Client.resolve), each within an equal share of the
+        time left, so one black-holed address (say an unroutable IPv6) cannot use up the whole
+        connect timeout before the next is tried."""
         client = self.client
         loop = client.loop
-        last: OSError | None = None
+        end = min(deadline, loop.time() + client.connect_timeout_s)
         try:
-            async with asyncio.timeout_at(min(deadline, loop.time() + client.connect_timeout_s)):
+            async with asyncio.timeout_at(end):
                 infos = await client.resolve(self.host, self.port)
-                for family, proto, ip, port in infos:
-                    try:
-                        _, conn = await loop.create_connection(
-                            lambda: Connection(self), ip, port, family=family, proto=proto,
-                            ssl=self.ssl, server_hostname=self.server_hostname)
-                    except OSError as exc:  # refused, unreachable, TLS failure: try the next address
-                        last = exc
-                        continue
-                    self.conns.add(conn)
-                    return conn
         except TimeoutError:
+            raise TimeoutError(f"resolving {self.host} timed out") from None
+        last: OSError | None = None
+        for i, (family, proto, ip, port) in enumerate(infos):
+            try:
+                async with asyncio.timeout((end - loop.time()) / (len(infos) - i)):
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(self), ip, port, family=family, proto=proto,
+                        ssl=self.ssl, server_hostname=self.server_hostname)
+            except OSError as exc:  # refused, unreachable, TLS failure, timed out: try the next one
+                last = exc
+                continue
+            self.conns.add(conn)
+            return conn
+        if isinstance(last, TimeoutError):
             raise TimeoutError(f"connecting to {self.host}:{self.port} timed out") from None
         raise ConnectError(f"cannot connect to {self.host}:{self.port}: {last}") from last
 
@@ -240,6 +248,10 @@ class Client:
             raise DNSError(f"cannot resolve {host}: no addresses")
         addrs: list[_Addr] = [(int(family), proto, str(addr[0]), int(addr[1]))
                               for family, _, proto, _, addr in infos]
+        # Interleave address families (RFC 8305 §4): after a failed IPv6 address, try IPv4 next.
+        first = [a for a in addrs if a[0] == addrs[0][0]]
+        other = [a for a in addrs if a[0] != addrs[0][0]]
+        addrs = [a for pair in zip_longest(first, other) for a in pair if a is not None]
         self._dns[key] = (now + _DNS_TTL_S, addrs)
         return addrs
 

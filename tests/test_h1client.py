@@ -468,17 +468,8 @@ def test_dns_failure(run: Any) -> None:
 def test_connect_timeout(run: Any) -> None:
     # A listening socket with a full accept queue: the SYN is never answered.
     async def main() -> None:
-        hole = socket.socket()
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(0)
+        hole, fillers = blackhole()
         port = hole.getsockname()[1]
-        fillers = []
-        for _ in range(8):
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect(("127.0.0.1", port))
-            fillers.append(s)
         upstream = Upstream(connect_timeout_s=0.3)
         await upstream.start()
         t0 = time.monotonic()
@@ -491,6 +482,41 @@ def test_connect_timeout(run: Any) -> None:
             await upstream.close()
             for s in [*fillers, hole]:
                 s.close()
+    run(main())
+
+
+def blackhole() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket whose accept queue is full: a connect to it is never answered."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(hole.getsockname())
+        fillers.append(s)
+    return hole, fillers
+
+
+def test_a_black_holed_address_does_not_use_up_the_connect_timeout(run: Any) -> None:
+    async def main() -> None:
+        hole, fillers = blackhole()
+        async with Server(answer(OK5)) as srv:
+            client = Client(connect_timeout_s=1.0)
+            # a name resolving to a black hole first, then to the server (as an unroutable IPv6
+            # address before a working IPv4 one would)
+            client._dns[("example.test", 80)] = (time.monotonic() + 60, [
+                (socket.AF_INET, socket.IPPROTO_TCP, "127.0.0.1", hole.getsockname()[1]),
+                (socket.AF_INET, socket.IPPROTO_TCP, "127.0.0.1", srv.port)])
+            t0 = time.monotonic()
+            _, data = await get(client, "http://example.test/x")
+            assert data == b"hello" and 0.4 < time.monotonic() - t0 < 0.9  # half the timeout each
+            assert srv.requests[0].head.startswith(b"GET /x HTTP/1.1\r\nHost: example.test\r\n")
+            await client.close()
+        for s in [*fillers, hole]:
+            s.close()
     run(main())
 
 
