@@ -28,9 +28,9 @@ STAGES = {
     "prepare: route, auth, body, JSON, admission (request.prepare)": "prepare (meterproxy/request.py)",
     "  admission (request.admit)": "admit (meterproxy/request.py)",
     "upstream request until headers (Upstream.request)": "Upstream.request (meterproxy/upstream.py)",
-    "  aiohttp ClientSession._request": "ClientSession._request (aiohttp/client.py)",
-    "upstream response bytes in (aiohttp ResponseHandler.data_received)":
-        "ResponseHandler.data_received (aiohttp/client_proto.py)",
+    "  h1client Client.request": "Client.request (meterproxy/h1client.py)",
+    "upstream response bytes in (h1conn Connection.data_received)":
+        "Connection.data_received (meterproxy/h1conn.py)",
     "non-stream answer: read, parse usage, send (ProxyRoute._whole)": "ProxyRoute._whole (meterproxy/forward.py)",
     "stream pass-through loop (ProxyRoute._stream)": "ProxyRoute._stream (meterproxy/forward.py)",
     "  StreamScanner.feed": "StreamScanner.feed (meterproxy/metering/scan.py)",

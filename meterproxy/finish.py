@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 import orjson
 
 from meterproxy.auth import authenticate
 from meterproxy.config import Config
 from meterproxy.errors import ProxyError
+from meterproxy.h1client import Response
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
@@ -49,7 +49,7 @@ class Outcome:
     usage: Usage | None = None
     json: Any = None
     scanner: StreamScanner | None = None
-    resp: aiohttp.ClientResponse | None = None
+    resp: Response | None = None
 
 
 def _estimate(call: Call, out: Outcome) -> Usage:

@@ -1,6 +1,6 @@
 """The proxy route: a raw ASGI app (no Starlette request objects on the hot path).
 
-Flow per request: prepare (route, auth, body, admission) → upstream request (aiohttp) → response
+Flow per request: prepare (route, auth, body, admission) → upstream request (meterproxy/h1client.py) → response
 headers → body: JSON answers are read whole (usage is in them), SSE streams go chunk by chunk
 through the scanner to `send` as they arrive → after the last byte, `finish` meters and settles.
 
@@ -16,12 +16,11 @@ import logging
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from meterproxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from meterproxy.finish import Outcome, finish, record_rejection
+from meterproxy.h1client import Response
 from meterproxy.headers import ratelimit_headers, response_headers, upstream_headers
 from meterproxy.metering.body import usage_in_json
 from meterproxy.metering.scan import StreamScanner
@@ -115,7 +114,7 @@ class ProxyRoute:
         out.sent_upstream = True
         try:
             resp = await state.upstream.request(
-                call.method, str(URL(url, encoded=True)) if "%" in url else url, headers,
+                call.method, url, headers,
                 call.body_bytes if call.body_bytes or call.method not in ("GET", "HEAD") else None,
                 call.cfg.server.upstream_timeout_s)
         except ProxyError as err:
@@ -138,13 +137,13 @@ class ProxyRoute:
         else:
             await self._whole(call, resp, send, out, hdrs, t_hdr)
 
-    async def _whole(self, call: Call, resp: aiohttp.ClientResponse, send: Any, out: Outcome,
+    async def _whole(self, call: Call, resp: Response, send: Any, out: Outcome,
                      hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
         """A non-stream answer: read it (usage is inside), then send it unchanged."""
         call.overhead += perf_counter() - t_hdr
         try:
             body = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:  # TimeoutError, BrokenStream (both OSErrors)
             err: ProxyError = (UpstreamTimeout("The provider did not answer in time.")
                                if isinstance(exc, asyncio.TimeoutError)
                                else UpstreamUnreachable("The provider closed the connection."))
@@ -167,7 +166,7 @@ class ProxyRoute:
         await send({"type": "http.response.body", "body": body, "more_body": False})
         call.overhead += perf_counter() - t_body
 
-    async def _stream(self, call: Call, resp: aiohttp.ClientResponse, send: Any, out: Outcome,
+    async def _stream(self, call: Call, resp: Response, send: Any, out: Outcome,
                       hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
         """An SSE answer: every chunk to the client as it arrives, scanned for usage on the way."""
         scanner = StreamScanner(strip_usage=call.inject_usage)
@@ -192,7 +191,7 @@ class ProxyRoute:
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             out.complete = True
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:  # TimeoutError, BrokenStream (both OSErrors)
             # The provider broke the stream: end the client's stream at the same point (no
             # [DONE] follows, as the provider sent none) and meter by estimate.
             out.upstream_error = error_kind(exc)
