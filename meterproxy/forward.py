@@ -192,10 +192,17 @@ class ProxyRoute:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             out.complete = True
         except OSError as exc:  # TimeoutError, BrokenStream (both OSErrors)
-            # The provider broke the stream: end the client's stream at the same point (no
-            # [DONE] follows, as the provider sent none) and meter by estimate.
             out.upstream_error = error_kind(exc)
             out.broken = True
         call.overhead += scan_time
-        await send({"type": "http.response.body", "body": scanner.finish(), "more_body": False})
+        rest = scanner.finish()
         out.usage = scanner.usage
+        if out.broken:
+            # The provider broke the stream (or it timed out): forward what came, then return
+            # without completing the response, so uvicorn closes the connection without the final
+            # chunk and the client sees a truncated stream, as if it were talking to the provider
+            # (the openai SDK raises). Ending it cleanly made clients take a cut answer as whole.
+            if rest:
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
+            return
+        await send({"type": "http.response.body", "body": rest, "more_body": False})

@@ -237,7 +237,11 @@ def _post(base: str, key_id: str, tally: Tally, body: dict[str, Any], path: str 
     """POST with a fresh connection; reads streams to the end. Returns the status."""
     with httpx.stream("POST", f"{base}{path}", json=body, headers={**bearer(key_id), **headers},
                       timeout=30) as r:
-        r.read()
+        try:
+            r.read()
+        except httpx.RemoteProtocolError:
+            # The provider broke the stream, so the proxy cut the client's connection too.
+            assert "x-sim-break-after" in headers
     tally.add(r.status_code, stream=r.status_code == 200 and body.get("stream") is True)
     return r.status_code
 

@@ -81,6 +81,19 @@ def test_sdk_stream_tools_and_n2(core) -> None:  # type: ignore[no-untyped-def]
     assert asked[-1].usage is not None and asked[-1].choices == []
 
 
+def test_sdk_raises_when_the_provider_breaks_the_stream(core) -> None:  # type: ignore[no-untyped-def]
+    """The provider drops the connection after 3 events: the SDK client must get an error, not a
+    silently shorter answer that looks complete (the proxy cuts the client's stream the same way)."""
+    _, px, _ = core
+    client = openai.OpenAI(base_url=f"{px.base}/v1", api_key=KEYS["alice-1"][1], max_retries=0,
+                           default_headers={"x-sim-break-after": "3", "x-sim-chunk-delay-ms": "30"})
+    chunks = []
+    with pytest.raises((httpx.RemoteProtocolError, openai.APIError)):
+        for chunk in client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True):  # type: ignore[arg-type]
+            chunks.append(chunk)
+    assert len(chunks) == 3  # what came before the break was delivered first
+
+
 def test_vendor_flavor_x_api_key(core) -> None:  # type: ignore[no-untyped-def]
     sim, px, _ = core
     body = {"model": "openai/gpt-4o", "messages": MSG}

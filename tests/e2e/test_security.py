@@ -72,8 +72,13 @@ def _exercise(px: Proc, rs: RedisServer, seen: list[str]) -> None:
         for status in ("500", "429", "401"):
             _keep(seen, c.post(b + CHAT, json=body, headers={**bearer("alice-1"), "x-sim-status": status}))
         assert _keep(seen, c.post(b + "/refused" + CHAT, json=body, headers=bearer("alice-1"))).status_code == 502
-        _keep(seen, c.post(b + CHAT, json={**body, "stream": True}, headers={**bearer("alice-2"),
-                                                                              "x-sim-break-after": "3"}))
+        with c.stream("POST", b + CHAT, json={**body, "stream": True},
+                      headers={**bearer("alice-2"), "x-sim-break-after": "3"}) as r:
+            got = b""
+            with pytest.raises(httpx.RemoteProtocolError):   # the provider broke it: so does the proxy
+                for part in r.iter_raw():
+                    got += part
+            seen.append(f"{r.status_code} {got.decode(errors='replace')}")
         _keep(seen, c.post(b + CHAT, content=b"{nope", headers=bearer("alice-1")))
         for _ in range(7):                                   # bob-1: rpm 5 → 429s
             _keep(seen, c.post(b + CHAT, json=body, headers=bearer("bob-1")))
