@@ -68,6 +68,10 @@ class StoreConfig(_Model):
     def _scheme(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("redis://", "rediss://", "redis+cluster://", "unix://")):
             raise ValueError("must start with redis://, rediss://, redis+cluster:// or unix://")
+        if v is not None and not v.startswith("redis+cluster://"):
+            from meterproxy.limits.wire import WireRedis  # parses only: no connection is opened
+
+            WireRedis(v)  # its ValueError (an unknown option, a bad db) is this field's error
         return v
 
 

@@ -22,6 +22,9 @@ EXPECTED = {
     "bad_on_error.yaml": ["store.on_error: Input should be 'open' or 'closed'"],
     "bad_provider.yaml": ["providers.p.base_url: must start with http:// or https://",
                           "providers.p.paths: path prefix 'v1/' must start with /"],
+    "bad_store_url.yaml": ["store.url: unsupported Redis URL option(s) ['socket_timeout']: supported are "
+                           "['db', 'password', 'ssl_ca_certs', 'ssl_cert_reqs', 'ssl_certfile', "
+                           "'ssl_check_hostname', 'ssl_keyfile', 'username'] (timeouts come from the store config)"],
     "bad_sha.yaml": ["keys.0.sha256: must be 64 lowercase hex characters (see `meterproxy new-key`)"],
     "dup_id.yaml": ["keys.1.id: duplicate key id 'k1' (also keys.0)"],
     "env_missing.yaml": ["providers.p.auth.value: environment variable MISSING_VAR is not set"],
