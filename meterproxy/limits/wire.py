@@ -3,10 +3,12 @@
 Why not redis-py's asyncio client: per command it checks a connection out of a pool, wraps the
 send in a `wait_for` Task (socket_timeout), the read in an `asyncio.timeout`, and packs and parses
 in Python: 55-80 µs of CPU per command at concurrency 16, more alone (bench/redis_client_micro.py).
-Here every command is packed by hiredis, written at once on a single shared connection, and
+Here every command is packed by hiredis, written on a single shared connection, and
 answered in order (Redis answers a connection's commands in the order it received them), so the
 replies are matched FIFO to a deque of waiting futures. No Task, no pool, no per-command timer.
 
+- Writes: commands sent in one pass of the event loop go out in one write (one syscall for a dozen
+  admissions under load; measured -27% client CPU per admit+settle pair at concurrency 16).
 - Timeouts: each command has a deadline `timeout_s` after it is sent; one timer per connection
   watches the oldest. A late reply makes the connection unusable (the next reply would go to the
   wrong caller), so a timeout closes it and fails every pending command with TimeoutError; the
@@ -83,27 +85,39 @@ class _Connection(asyncio.Protocol):
         self.overdue: _Call | None = None   # found past its deadline once; fails if still pending
         self.closed = False                 # set once: no command may be sent any more
         self.lost: asyncio.Future[None] = loop.create_future()   # done when the transport is gone
+        self.wbuf: list[bytes] = []         # commands sent in this loop pass, written by _flush
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have the same methods
         self.transport = cast(asyncio.Transport, transport)
 
     def send(self, data: bytes, n: int) -> asyncio.Future[Any]:
-        """Write packed command(s) now; the future gets the reply (n == 0) or n replies."""
+        """Queue packed command(s) for this loop pass's write; the future gets the reply (n == 0)
+        or n replies."""
         fut: asyncio.Future[Any] = self.loop.create_future()
         if self.closed or self.transport is None:
             fut.set_exception(RedisConnectionError(f"Connection to {self.addr} closed"))
             return fut
         call = _Call(fut, n, self.loop.time() + self.timeout_s)
         self.pending.append(call)
-        try:
-            self.transport.write(data)
-        except (RuntimeError, OSError) as exc:  # uvloop raises on a transport closed under us
-            self.fail(RedisConnectionError(f"Error writing to {self.addr}: {exc}"))
-            return fut
+        # Commands queued in one pass of the event loop go out in one write (one syscall instead
+        # of one per command: under load, a dozen admissions and settlements share it). Order is
+        # kept: the buffer is appended in the same order as `pending`.
+        self.wbuf.append(data)
+        if len(self.wbuf) == 1:
+            self.loop.call_soon(self._flush)
         if self.timer is None:
             self.timer = self.loop.call_at(call.deadline, self._check_deadline)
         return fut
+
+    def _flush(self) -> None:
+        data, self.wbuf = self.wbuf, []
+        if self.closed or self.transport is None or not data:
+            return   # fail() already failed every pending call
+        try:
+            self.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        except (RuntimeError, OSError) as exc:  # uvloop raises on a transport closed under us
+            self.fail(RedisConnectionError(f"Error writing to {self.addr}: {exc}"))
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
