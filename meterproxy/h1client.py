@@ -13,8 +13,9 @@ What it does, and deliberately does not:
   closed while idle is removed when asyncio reports it lost.
 - one timer per request for the total timeout (headers and the whole body); connecting (DNS,
   TCP, TLS) is bounded by the connect timeout too.
-- no retries: a POST to an LLM is not idempotent and costs money. A request sent on a kept-alive
-  connection that the server closed at that very moment fails (BrokenStream), as with aiohttp.
+- no retries of a POST: an LLM call is not idempotent and costs money. A POST sent on a kept-alive
+  connection that the server closed at that very moment fails (BrokenStream), as with aiohttp; a
+  GET/HEAD/OPTIONS (a run poll) is sent once more on a new connection, as aiohttp did.
 - bodies pass byte for byte: no decompression, no Accept-Encoding/User-Agent/Accept added, no
   cookies, no redirects, no proxies from the environment, no Expect: 100-continue.
 - request headers are the caller's, in its order, plus Host and Content-Length (when a body is
@@ -32,10 +33,19 @@ from collections.abc import Sequence
 from itertools import zip_longest
 from urllib.parse import urlsplit
 
-from meterproxy.h1conn import BrokenStream, ConnectError, Connection, DNSError, Headers, Response
+from meterproxy.h1conn import (
+    BrokenStream,
+    ClosedBeforeAnswer,
+    ConnectError,
+    Connection,
+    DNSError,
+    Headers,
+    Response,
+)
 
 __all__ = ["BrokenStream", "Client", "ConnectError", "DNSError", "Headers", "Response"]
 
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # retried once after a keep-alive race
 _DNS_TTL_S = 300.0  # as aiohttp's ttl_dns_cache was
 _WRITE_JOIN_MAX = 64 * 1024  # head + body joined into one buffer below this; two buffers above
 _Addr = tuple[int, int, str, int]  # family, proto, IP address, port: one getaddrinfo answer
@@ -184,7 +194,23 @@ class Client:
         except UnicodeEncodeError:
             data = head.encode("utf-8")  # a configured value beyond latin-1 (what aiohttp sent)
 
-        conn = pool.take()
+        try:
+            return await self._exchange(pool, method, data, body, deadline, fresh=False)
+        except ClosedBeforeAnswer:
+            if method not in _IDEMPOTENT:
+                raise
+            # A kept-alive connection closed by the provider as we reused it (its idle timeout
+            # raced ours). A GET or HEAD (a run poll) is sent once more on a new connection, as
+            # aiohttp did; a POST is not: it may have been taken, and an LLM call costs money.
+            return await self._exchange(pool, method, data, body, deadline, fresh=True)
+
+    async def _exchange(self, pool: Pool, method: str, data: bytes, body: bytes | None,
+                        deadline: float, *, fresh: bool) -> Response:
+        """One attempt: send on a pooled connection (a new one if `fresh` or none is idle) and wait
+        for the response headers. ClosedBeforeAnswer is raised only for a reused connection."""
+        loop = self.loop
+        conn = None if fresh else pool.take()
+        reused = conn is not None
         if conn is None:
             conn = await pool.connect(deadline)
             if conn.transport.is_closing():  # the server closed it at once (uvloop would raise on write)
@@ -207,8 +233,11 @@ class Client:
             resp.close()
             raise
         if not resp.status:
-            assert resp._exc is not None
-            raise resp._exc
+            exc = resp._exc
+            assert exc is not None
+            if isinstance(exc, ClosedBeforeAnswer) and not reused:
+                raise BrokenStream(str(exc)) from exc   # a new connection: not a keep-alive race
+            raise exc
         return resp
 
     def _route(self, origin: str) -> tuple[Pool, str]:

@@ -47,6 +47,11 @@ class BrokenStream(ConnectionError):
     response was complete."""
 
 
+class ClosedBeforeAnswer(BrokenStream):
+    """The connection ended before a single response byte: on a kept-alive connection, most
+    likely the provider closing it as idle just as the request went out."""
+
+
 class Headers:
     """Read-only, case-insensitive view of the response headers; the first value wins (like
     aiohttp's CIMultiDict.get). A linear scan: a response has a dozen headers, read once or twice."""
@@ -235,8 +240,8 @@ class Connection(asyncio.Protocol):
             return
         self.resp = None
         resp._conn = None
-        err = BrokenStream("the provider closed the connection" if resp.status
-                           else "the provider closed the connection before answering")
+        err = (BrokenStream("the provider closed the connection") if resp.status or resp.raw_headers
+               else ClosedBeforeAnswer("the provider closed the connection before answering"))
         err.__cause__ = exc
         resp._fail(err)
 

@@ -351,6 +351,54 @@ def test_server_closing_an_idle_connection(run: Any) -> None:
     run(main())
 
 
+def test_keepalive_race_retries_only_idempotent_requests(run: Any) -> None:
+    """The provider closes a kept-alive connection just as a request arrives on it (its idle timeout
+    racing ours), reading nothing and answering nothing. A GET (a run poll) is sent once more on a
+    new connection; a POST (an LLM call, maybe taken, costs money) fails with BrokenStream."""
+    async def handler(req: Request, reader: Reader, writer: Writer) -> None:
+        if req.target == "/race":
+            writer.transport.abort()  # the request's bytes were read; no answer at all
+            return
+        writer.write(OK5)
+        await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            await get(client, srv.url + "/warm")                      # one kept-alive connection
+            srv.handler = _race_once(handler)
+            _, data = await get(client, srv.url + "/x")                # reused: raced, then retried
+            assert data == b"hello" and srv.accepted == 2
+            assert [r.target for r in srv.requests] == ["/warm", "/x", "/x"]
+            srv.handler = _race_once(handler)
+            with pytest.raises(BrokenStream):
+                await get(client, srv.url + "/y", "POST", b"{}")
+            assert [r.target for r in srv.requests][3:] == ["/y"]      # sent once, never again
+            # A new connection that closes unanswered is not a keep-alive race: no retry.
+            srv.handler = handler
+            await client.close()
+            client = Client()
+            n = len(srv.requests)
+            with pytest.raises(BrokenStream):
+                await get(client, srv.url + "/race")
+            assert len(srv.requests) == n + 1
+            await client.close()
+    run(main())
+
+
+def _race_once(handler: Handler) -> Handler:
+    """The next request is answered by closing the connection; later ones by `handler`."""
+    state = {"raced": False}
+
+    async def racing(req: Request, reader: Reader, writer: Writer) -> None:
+        if not state["raced"]:
+            state["raced"] = True
+            writer.transport.abort()
+            return
+        await handler(req, reader, writer)
+    return racing
+
+
 def test_closing_transport_is_never_picked(run: Any) -> None:
     async def main() -> None:
         async with Server(answer(OK5)) as srv:
