@@ -71,7 +71,12 @@ class StoreConfig(_Model):
         if v is not None and not v.startswith("redis+cluster://"):
             from meterproxy.limits.wire import WireRedis  # parses only: no connection is opened
 
-            WireRedis(v)  # its ValueError (an unknown option, a bad db) is this field's error
+            try:
+                WireRedis(v)
+            except OSError as exc:  # ssl_ca_certs / ssl_certfile that cannot be read
+                raise ValueError(f"cannot read a TLS file named in the URL: {exc}") from exc
+            except ValueError as exc:  # an unknown option, a db that is not a number, ...
+                raise ValueError(str(exc)) from exc
         return v
 
 
