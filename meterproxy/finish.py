@@ -116,7 +116,7 @@ def _settle_later(state: AppState, adm: Admission, tokens: int, cost_nano: int) 
             try:
                 await state.limiter.settle(adm, tokens, cost_nano)
                 return
-            except Exception:
+            except StoreError:
                 delay = min(delay * 2, 8.0)
         log.warning("settlement of %s abandoned; its reservation and lease expire by themselves",
                     adm.request_id)
@@ -129,26 +129,18 @@ def _settle_later(state: AppState, adm: Admission, tokens: int, cost_nano: int) 
 async def _finish(state: AppState, call: Call, out: Outcome) -> None:
     t_fin = perf_counter()
     status = CLIENT_CLOSED if out.client_gone else (out.status or 502)
-    # Whatever fails below, the ledger record is still written: a store fault that escaped as an
-    # unexpected exception type once skipped it and lost usage (CI run of 2026-11-22).
     try:
         usage = await _usage(state, call, out)
-    except Exception as exc:
-        if isinstance(exc, StoreError):
-            state.health.failed(exc.operation, exc)
-        else:
-            log.exception("usage of request %s undetermined; recording what arrived", call.request_id)
+    except StoreError as exc:
+        state.health.failed(exc.operation, exc)
+        usage = out.usage or Usage()
+    except Exception:   # e.g. an estimate that failed: record what arrived rather than nothing
+        log.exception("usage of request %s undetermined; recording what arrived", call.request_id)
         usage = out.usage or Usage()
     cost_nano, priced = call.cfg.prices.cost_nano(call.model, usage) if call.model else (0, True)
-    if call.adm is not None:
-        try:
-            await state.limiter.settle(call.adm, usage.total, cost_nano)
-        except Exception as exc:
-            if isinstance(exc, StoreError):
-                state.health.failed(exc.operation, exc)
-            else:
-                log.exception("settlement of request %s failed; retrying", call.request_id)
-            _settle_later(state, call.adm, usage.total, cost_nano)
+    # The record and the counters first: they need nothing from the store, so settlement (a
+    # store round trip, the only await left) can no longer keep them from being written. Settling
+    # first once lost records when it raised (CI run of 2026-11-22).
     p = call.principal
     duration = t_fin - call.t0
     state.ledger.submit(UsageRecord(
@@ -170,6 +162,12 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
         m.child(m.ttft, call.provider.name, model).observe(out.ttft)
     if out.upstream_error is not None:
         m.upstream_errors.labels(call.provider.name, out.upstream_error).inc()
+    if call.adm is not None:
+        try:
+            await state.limiter.settle(call.adm, usage.total, cost_nano)
+        except StoreError as exc:
+            state.health.failed(exc.operation, exc)
+            _settle_later(state, call.adm, usage.total, cost_nano)
     m.overhead.observe(call.overhead + (perf_counter() - t_fin))
 
 

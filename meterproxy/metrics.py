@@ -150,7 +150,6 @@ class Metrics:
             tuple[str, str, str, str, str, str],
             tuple[Counter, tuple[Counter, Counter, Counter, Counter], Counter],
         ] = {}
-        self._unpriced_children: dict[str, Counter] = {}
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: _M, *values: str) -> _M:
@@ -186,10 +185,7 @@ class Metrics:
         t_reasoning.inc(reasoning)
         cost.inc(cost_usd)
         if not priced:
-            child = self._unpriced_children.get(model)
-            if child is None:
-                child = self._unpriced_children[model] = self.unpriced.labels(model=model)
-            child.inc()
+            self.child(self.unpriced, model).inc()
 
     def _make_children(
         self, ck: tuple[str, str, str, str, str, str],

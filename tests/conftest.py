@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server per session, flushed between tests."""
+"""Shared fixtures: a real redis-server per session, flushed between tests; both stores."""
 
 from __future__ import annotations
 
@@ -30,3 +30,13 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client.script_flush()
     client.close()
     yield redis_server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Each test once per store: None for the in-process store, else the URL of the session's
+    (flushed) redis-server."""
+    if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url

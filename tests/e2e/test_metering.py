@@ -383,15 +383,6 @@ def _usage_dict(u: dict[str, Any]) -> dict[str, int]:
             "reasoning_tokens": (u.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)}
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    """Both ledger/limiter stores: in-process (no store.url) and a real redis-server."""
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("redis_url")
-    return url
-
-
 def test_metering_exact_end_to_end(tmp_path: Path, store_url: str | None) -> None:
     with simulator() as sim:
         cfg = make_config(sim.port, store_url=store_url, keys={"alice-1": {"limits": ALICE_LIMITS}})

@@ -48,15 +48,6 @@ def sim() -> Iterator[Proc]:
         yield s
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    """None for the in-process store, else the URL of the session's (flushed) redis-server."""
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("redis_url")
-    return url
-
-
 def _config(tmp_path: Path, sim: Proc, store_url: str | None, name: str = "c.yaml",
             **kw: Any) -> Path:
     return write_config(tmp_path / name, make_config(sim.port, store_url=store_url, store=STORE, **kw))
