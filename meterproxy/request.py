@@ -211,11 +211,9 @@ async def admit(state: AppState, call: Call) -> None:
     """One limiter round trip; raises the SPEC's 429 or 503 when the request may not pass."""
     p = call.principal
     tokens = reservation(call.cfg, call.body, len(call.body_bytes))
-    cost = 0
-    price = call.cfg.prices.lookup(call.model) if call.model else None
-    if price is not None and tokens:
-        # Reserve at the output price: an upper bound that settlement corrects.
-        cost = int(tokens * price.output * 1000)
+    # Reserve every token at the output price (an upper bound that settlement corrects), with the
+    # price table's precomputed nano-USD rates: no Decimal arithmetic per request.
+    cost = call.cfg.prices.cost_nano(call.model, Usage(completion=tokens))[0] if call.model and tokens else 0
     adm = Admission(request_id=call.uid, key_id=p.key_id, user=p.user, key_limits=p.limits,
                     user_limits=p.user_limits, tokens=tokens, cost_nano=cost)
     try:
