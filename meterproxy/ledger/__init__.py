@@ -26,6 +26,7 @@ from meterproxy.ledger.query import GROUP_FIELDS, run_query, summary
 from meterproxy.ledger.record import LedgerStore, Totals, UsageJSON, UsageRecord, record_json
 from meterproxy.ledger.redis import RedisStore
 from meterproxy.ledger.writer import Writer
+from meterproxy.limits.redis import make_redispy_client
 from meterproxy.limits.wire import WireRedis
 
 __all__ = [
@@ -47,6 +48,12 @@ def redis_store(client: Redis | RedisCluster | WireRedis,
     `make_redis_client` (on a single node a WireRedis: writes through it, reads through a
     redis-py client the store opens and closes), or a redis-py client for reads plus an optional
     WireRedis `writer` (see RedisStore)."""
+    if isinstance(client, WireRedis):
+        # Writes on the WireRedis; reads on a redis-py client opened here, closed with the store.
+        # Reads are idempotent: one retry, so the first read after a Redis restart does not fail
+        # on a pooled connection the restart closed.
+        reader = make_redispy_client(client.url, client.timeout_s, retries=1)
+        return RedisStore(reader, client, close_reader=True)
     return RedisStore(client, writer)
 
 

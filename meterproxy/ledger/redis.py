@@ -47,7 +47,7 @@ from meterproxy.ledger.record import (
     parse_id,
 )
 from meterproxy.limits import StoreError
-from meterproxy.limits.redis import CLIENT_FAILURES, make_redispy_client
+from meterproxy.limits.redis import CLIENT_FAILURES
 from meterproxy.limits.wire import Arg, WireRedis
 
 T = TypeVar("T")
@@ -151,23 +151,17 @@ def _cells(user: str, period: str, raw: dict[Any, Any]) -> list[Cell]:
 class RedisStore:
     """The ledger on Redis. Every call is bounded by `timeout`; failures raise StoreError.
 
-    `client` (redis-py) serves the reads, and the writes unless a WireRedis `writer` is given:
-    then each batch is one write and one read of replies on the writer's own connection. A
-    WireRedis as `client` (what `make_redis_client` returns for a single node) is taken as the
-    writer, and the store reads through a redis-py client of its own on the same URL, which
-    `close()` closes. The caller owns the clients it passed.
+    `reader` (redis-py) serves the reads, and the writes unless a WireRedis `writer` is given:
+    then each batch is one write and one read of replies on the writer's own connection.
+    `close()` closes the reader only with `close_reader` (it was opened for this store, see
+    `meterproxy.ledger.redis_store`); the caller owns the other clients.
     """
 
-    def __init__(self, client: Redis | RedisCluster | WireRedis, writer: WireRedis | None = None,
-                 *, max_records: int = 1_000_000, dedupe_ttl_s: int = 3600,
-                 timeout: float = 5.0) -> None:
-        self._own_reader = isinstance(client, WireRedis)
-        if isinstance(client, WireRedis):
-            writer = writer or client
-            # reads are idempotent: one retry, so the first read after a Redis restart does not
-            # fail on a pooled connection the restart closed
-            client = make_redispy_client(client.url, client.timeout_s, retries=1)
-        self._r: Redis | RedisCluster = client
+    def __init__(self, reader: Redis | RedisCluster, writer: WireRedis | None = None,
+                 *, close_reader: bool = False, max_records: int = 1_000_000,
+                 dedupe_ttl_s: int = 3600, timeout: float = 5.0) -> None:
+        self._close_reader = close_reader
+        self._r = reader
         self._w = writer
         self._max_records = max_records
         self._dedupe_ttl_s = dedupe_ttl_s
@@ -294,5 +288,5 @@ class RedisStore:
 
     async def close(self) -> None:
         """Close the reader the store opened itself, if any; the caller owns the others."""
-        if self._own_reader:
+        if self._close_reader:
             await self._r.aclose()
