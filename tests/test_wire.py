@@ -60,6 +60,25 @@ async def test_every_concurrent_caller_gets_its_own_reply(wire: WireRedis) -> No
     assert sorted(n for _, _, n in got) == list(range(1, 2001))
 
 
+async def test_commands_of_one_loop_pass_share_one_write(wire: WireRedis) -> None:
+    """Write coalescing: 50 commands sent in one pass of the event loop leave in one write (one
+    syscall), and every caller still gets its own reply, in order."""
+    assert await wire.ping()
+    conn = wire._conn
+    assert conn is not None and conn.transport is not None
+    writes: list[bytes] = []
+    real_write = conn.transport.write
+
+    def counting(data: bytes) -> None:
+        writes.append(bytes(data))
+        real_write(data)
+
+    conn.transport.write = counting  # type: ignore[method-assign]
+    got = await asyncio.gather(*(wire.execute_command("ECHO", f"m{i}") for i in range(50)))
+    assert got == [f"m{i}".encode() for i in range(50)]
+    assert len(writes) == 1 and writes[0].count(b"ECHO") == 50
+
+
 async def test_error_replies_raise_redis_py_exceptions(wire: WireRedis) -> None:
     await wire.set("s", "text")
     with pytest.raises(ResponseError, match="WRONGTYPE"):
