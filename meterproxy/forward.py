@@ -154,17 +154,21 @@ class ProxyRoute:
             return
         t_body = perf_counter()
         out.complete = True
-        # A run poll is a GET (not a metered path) but its finished result carries the run's usage
-        # (issue #3: it was never parsed, so async runs were never metered).
-        if (call.metered or call.poll_uid is not None) and 200 <= resp.status < 300 and body:
-            try:
-                out.json = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                out.json = None
-            out.usage = usage_in_json(out.json)
-        await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-        call.overhead += perf_counter() - t_body
+        try:
+            await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        finally:
+            # Usage is read after the last byte went out (the client does not wait for the JSON
+            # parse), and even if the client left during the send: the provider did the work.
+            # A run poll is a GET (not a metered path) but its finished result carries the run's
+            # usage (issue #3: it was never parsed, so async runs were never metered).
+            if (call.metered or call.poll_uid is not None) and 200 <= resp.status < 300 and body:
+                try:
+                    out.json = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    out.json = None
+                out.usage = usage_in_json(out.json)
+            call.overhead += perf_counter() - t_body
 
     async def _stream(self, call: Call, resp: Response, send: Any, out: Outcome,
                       hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
