@@ -14,6 +14,7 @@ import orjson
 
 from meterproxy.auth import authenticate
 from meterproxy.config import Config, Principal, Provider
+from meterproxy.endpoints import Endpoint, classify, normalise
 from meterproxy.errors import (
     BodyTooLarge,
     InvalidJSON,
@@ -32,10 +33,6 @@ from meterproxy.metering.estimate import cheap_prompt_estimate
 from meterproxy.metering.usage import Usage
 from meterproxy.state import AppState
 
-# Paths whose POST bodies are JSON the proxy reads (model, stream, max_tokens) and whose answers carry usage.
-_METERED = ("/chat/completions", "/completions", "/embeddings", "/responses", "/chat_completion")
-# Where OpenAI's `stream_options.include_usage` applies (the Responses API always sends usage).
-_STREAM_OPTIONS = ("/chat/completions", "/completions", "/chat_completion")
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_usd", "monthly_usd"})
 _MAX_N = 128  # reservation multiplier cap; a larger n is the provider's to refuse
 
@@ -145,7 +142,8 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
     principal = authenticate(cfg, headers)
     method: str = scope["method"]
     body_bytes = await read_body(receive, cfg.server.max_body_bytes, headers)
-    metered = method == "POST" and path.endswith(_METERED)
+    endpoint: Endpoint | None = classify(normalise(path)) if method == "POST" else None
+    metered = endpoint is not None
     body: dict[str, Any] | None = None
     if metered:
         try:
@@ -167,7 +165,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
         stream_field = body.get("stream")
         stream_requested = (stream_field is True) if "stream" in body else provider.stream_by_default
         async_create = provider.poll_prefix is not None and body.get("async") is True
-        if stream_requested and path.endswith(_STREAM_OPTIONS):
+        if stream_requested and endpoint is not None and endpoint.stream_options:
             opts = body.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                 # SPEC "Metering rules": ask for usage upstream, strip it from what the client sees.
