@@ -174,5 +174,6 @@ def app_from_env() -> MeterProxy:
     """uvicorn factory for `--workers N`: each worker process reads METERPROXY_CONFIG."""
     from meterproxy.cli import setup_logging
 
-    setup_logging()
-    return create_app(os.environ["METERPROXY_CONFIG"])
+    app = create_app(os.environ["METERPROXY_CONFIG"])
+    setup_logging(app.config.server.log_format)
+    return app

@@ -1,41 +1,65 @@
-"""Command line: serve, check-config, new-key, simulate, usage (SPEC.md "Commands")."""
+"""meterproxy: a usage-metering, rate-limiting reverse proxy for LLM providers.
+
+Reference: docs/configuration.md (config file), docs/api.md (HTTP API), docs/metrics.md,
+docs/operations.md (stores, logs, upgrades, alerts). Every command exits 0 on success, 1 when
+something failed (one line on stderr saying what and what to do) and 2 on a usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import errno
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 from typing import Any
 
+from meterproxy import logs
 from meterproxy.auth import key_hash
 from meterproxy.config import Config, ConfigError, load_config, summary
 
 
-def setup_logging() -> None:
+class CliError(Exception):
+    """A command failed: `str(self)` is the one line to print (what went wrong, what to do)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def setup_logging(log_format: str = "text") -> None:
     """One log format for the supervisor and every worker (workers are fresh processes)."""
-    logging.basicConfig(level=os.environ.get("METERPROXY_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s %(message)s")
+    logs.setup(log_format)
+
+
+def ensure_port_free(host: str, port: int, option: str) -> None:
+    """Fail with one line now, before anything is reported as running, if `host:port` is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is fine
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            raise CliError(f"port {port} on {host} {reason}; stop what holds it or choose "
+                           f"another with {option}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"{args.config}: invalid config", file=sys.stderr)
-        for line in exc.errors:
-            print(f"  {line}", file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return 1
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
     workers = max(args.workers, 1)
-    setup_logging()
+    ensure_port_free(host, port, "--port (or server.port)")
+    setup_logging(cfg.server.log_format)
+    logs.startup(cfg, host, port, workers)
     common: dict[str, Any] = dict(
         host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level="warning", server_header=False, date_header=False,
@@ -125,6 +149,7 @@ def _new_key(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from meterproxy import simulator
 
+    ensure_port_free(args.host, args.port, "--port")
     simulator.run(args.host, args.port, chunk_delay_ms=args.chunk_delay_ms)
     return 0
 
@@ -136,41 +161,91 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meterproxy", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="run the proxy")
-    s.add_argument("--config", required=True)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--workers", type=int, default=1)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="meterproxy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    s = sub.add_parser("serve", help="run the proxy", formatter_class=fmt,
+                       description="Run the proxy. Logs one startup line, then one access line per "
+                                   "request (docs/operations.md). SIGHUP reloads the config; SIGTERM "
+                                   "drains and exits 0.")
+    s.add_argument("--config", required=True, metavar="FILE", help="the YAML config (docs/configuration.md)")
+    s.add_argument("--host", help="listen address (default: server.host of the config)")
+    s.add_argument("--port", type=int, help="listen port (default: server.port of the config)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port; >1 aggregates /metrics across them")
     s.set_defaults(fn=_serve)
-    c = sub.add_parser("check-config", help="validate a config file")
-    c.add_argument("file")
+    c = sub.add_parser("check-config", help="validate a config file", formatter_class=fmt,
+                       description="Validate a config file and print a summary, or every error as "
+                                   "`path.to.field: message` (all of them, in one pass) and exit 1.")
+    c.add_argument("file", help="the YAML config to validate; ${NAME} variables come from the environment")
     c.set_defaults(fn=_check)
-    k = sub.add_parser("new-key", help="print a new client key and its config line")
-    k.add_argument("--id", required=True)
-    k.add_argument("--user")
+    k = sub.add_parser("new-key", help="print a new client key and its config line", formatter_class=fmt,
+                       description="Print a fresh random key and the `keys:` line (its sha256) to paste "
+                                   "into the config. The key itself is shown once and stored nowhere.")
+    k.add_argument("--id", required=True, help="the key's id: shown in metrics, logs and the ledger")
+    k.add_argument("--user", help="the user the key belongs to (default: the id)")
     k.set_defaults(fn=_new_key)
-    m = sub.add_parser("simulate", help="run the local simulated provider")
-    m.add_argument("--port", type=int, default=9000)
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    m = sub.add_parser("simulate", help="run the local simulated provider", formatter_class=fmt,
+                       description="A local simulated provider for every flavor (deterministic usage), "
+                                   "for demos, tests and benchmarks. Not a real model.")
+    m.add_argument("--port", type=int, default=9000, help="listen port")
+    m.add_argument("--host", default="127.0.0.1", help="listen address")
+    m.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                   help="pause between streamed chunks, in milliseconds")
     m.set_defaults(fn=_simulate)
-    u = sub.add_parser("usage", help="print the usage ledger as a table")
-    u.add_argument("--config", required=True)
-    u.add_argument("--user")
-    u.add_argument("--key")
-    u.add_argument("--since")
-    u.add_argument("--until")
-    u.add_argument("--group-by", default="user,key,model")
-    u.add_argument("--url", help="proxy URL, for the in-process store (default: from the config)")
+    u = sub.add_parser("usage", help="print the usage ledger as a table", formatter_class=fmt,
+                       description="The usage ledger as a table (docs/api.md: GET /admin/usage). "
+                                   "Reads the store of --config directly, or asks a running proxy (--url).")
+    u.add_argument("--config", required=True, metavar="FILE", help="the proxy's config file")
+    u.add_argument("--user", help="only this user")
+    u.add_argument("--key", help="only this key id")
+    u.add_argument("--since", metavar="DATE", help="from this UTC day or time (YYYY-MM-DD or ISO 8601)")
+    u.add_argument("--until", metavar="DATE", help="up to and including this UTC day or time")
+    u.add_argument("--group-by", default="user,key,model",
+                   help="comma-separated: user, key, model, provider, day ('' for one total)")
+    u.add_argument("--url", help="a running proxy's URL, for the in-process store (default: from the config)")
     u.add_argument("--admin-key", default=os.environ.get("METERPROXY_ADMIN_KEY"),
                    help="admin key for --url (default: $METERPROXY_ADMIN_KEY)")
     u.set_defaults(fn=_usage)
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    """What went wrong and what to do, for the failures a user can meet; else the exception's text."""
+    import httpx
+
+    if isinstance(exc, ConfigError):
+        return "; ".join(exc.errors) + " (run `meterproxy check-config FILE` for every error)"
+    if isinstance(exc, httpx.TransportError):
+        try:
+            where = f"{exc.request.url.scheme}://{exc.request.url.netloc.decode()}"
+        except RuntimeError:  # no request attached
+            where = "the proxy"
+        return (f"cannot reach {where} ({type(exc).__name__}): is the proxy running there? "
+                "Start it with `meterproxy serve` or pass the right --url")
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: no such file; check the path"
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename}: permission denied; check the file's owner and mode"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else 'no details'} (METERPROXY_DEBUG=1 shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rc: int = args.fn(args)
-    return rc
+    """Run one command. A failure is one line on stderr and exit 1 (2: bad arguments), never a
+    traceback unless METERPROXY_DEBUG=1."""
+    args = build_parser().parse_args(argv)   # bad arguments: argparse prints usage and exits 2
+    try:
+        rc: int = args.fn(args)
+        return rc
+    except CliError as exc:
+        print(f"meterproxy {args.cmd}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("METERPROXY_DEBUG"):
+            raise
+        print(f"meterproxy {args.cmd}: {_one_line(exc)}", file=sys.stderr)
+        return 1

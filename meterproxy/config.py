@@ -54,6 +54,8 @@ class ServerConfig(_Model):
     metrics_require_admin: bool = False
     # Distinct model label values per process before further ones become "other".
     max_model_labels: int = Field(200, ge=1)
+    # Log lines on stderr: text, or one JSON object per line for log shippers (docs/operations.md).
+    log_format: Literal["text", "json"] = "text"
 
 
 class StoreConfig(_Model):
@@ -279,16 +281,27 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
 
 
+def _reference_errors(data: Mapping[str, Any]) -> list[str]:
+    """Names that point nowhere (a user's or key's plan), checked on the parsed mapping rather than
+    the validated model, so they are reported in the same pass as field errors elsewhere."""
+    plans = data.get("plans")
+    known = set(plans) if isinstance(plans, dict) else set()
+    errors: list[str] = []
+    users, keys = data.get("users"), data.get("keys")
+    entries = [*((f"users.{n}", u) for n, u in (users.items() if isinstance(users, dict) else ())),
+               *((f"keys.{i}", k) for i, k in enumerate(keys if isinstance(keys, list) else ()))]
+    for path, entry in entries:
+        plan = entry.get("plan") if isinstance(entry, dict) else None
+        if isinstance(plan, str) and plan not in known:
+            errors.append(f"{path}.plan: unknown plan {plan!r}")
+    return errors
+
+
 def _cross_check(raw: RawConfig) -> list[str]:
     errors: list[str] = []
-    for name, user in raw.users.items():
-        if user.plan is not None and user.plan not in raw.plans:
-            errors.append(f"users.{name}.plan: unknown plan {user.plan!r}")
     seen_ids: dict[str, int] = {}
     seen_hash: dict[str, int] = {}
     for i, key in enumerate(raw.keys):
-        if key.plan is not None and key.plan not in raw.plans:
-            errors.append(f"keys.{i}.plan: unknown plan {key.plan!r}")
         if key.id in seen_ids:
             errors.append(f"keys.{i}.id: duplicate key id {key.id!r} (also keys.{seen_ids[key.id]})")
         seen_ids.setdefault(key.id, i)
@@ -348,13 +361,20 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
         raise ConfigError([f"<root>: invalid YAML: {exc}"]) from exc
     if not isinstance(data, dict):
         raise ConfigError(["<root>: the config must be a YAML mapping"])
+    # One pass, every error: missing variables, then field errors (none for a field whose only
+    # fault is the missing variable already named), then references, then checks across fields.
     errors: list[str] = []
     data = substitute_env(data, os.environ if env is None else env, "", errors)
+    unset = {e.partition(": ")[0] for e in errors}
     try:
-        raw = RawConfig.model_validate(data)
+        raw: RawConfig | None = RawConfig.model_validate(data)
     except ValidationError as exc:
-        errors.extend(f"{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-        raise ConfigError(errors) from exc
+        raw = None
+        errors.extend(f"{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+                      if _loc(e["loc"]) not in unset)
+    errors.extend(_reference_errors(data))
+    if raw is None:
+        raise ConfigError(errors)
     errors.extend(_cross_check(raw))
     if errors:
         raise ConfigError(errors)

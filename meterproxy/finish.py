@@ -13,10 +13,12 @@ from typing import Any
 
 import orjson
 
+from meterproxy import logs
 from meterproxy.auth import authenticate
-from meterproxy.config import Config
+from meterproxy.config import Config, Principal
 from meterproxy.errors import ProxyError
 from meterproxy.h1client import Response
+from meterproxy.headers import client_request_id
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
@@ -169,14 +171,21 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
             state.health.failed(exc.operation, exc)
             _settle_later(state, call.adm, usage.total, cost_nano)
     m.overhead.observe(call.overhead + (perf_counter() - t_fin))
+    if out.upstream_error is not None:
+        logs.upstream_failed(call.request_id, call.provider.name, call.provider.base_url, out.upstream_error)
+    logs.access(call.request_id, p, call.provider.name, call.model, status, usage.source, usage.prompt,
+                usage.completion, cost_nano, duration, len(call.body_bytes))
 
 
 def record_rejection(state: AppState, cfg: Config, scope: dict[str, Any], err: ProxyError) -> None:
-    """Count a request the proxy answered itself, under its key when the key was valid."""
+    """Count and log a request the proxy answered itself, counted under its key when it was valid."""
     try:
-        p = authenticate(cfg, scope["headers"])
+        p: Principal | None = authenticate(cfg, scope["headers"])
     except ProxyError:
-        return  # no valid key: nothing to attribute (and no label from client input)
+        p = None  # no valid key: nothing to attribute (and no label from client input)
     provider = cfg.route(scope["path"])
-    state.metrics.requests.labels(p.key_id, p.user, provider.name if provider else "none",
-                                  "none", str(err.status)).inc()
+    logs.access(client_request_id(scope["headers"]) or "-", p, provider.name if provider else "-", "-",
+                err.status, "-", 0, 0, 0, 0.0, 0)
+    if p is not None:
+        state.metrics.requests.labels(p.key_id, p.user, provider.name if provider else "none",
+                                      "none", str(err.status)).inc()
