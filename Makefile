@@ -4,16 +4,29 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 APT_PKGS := redis-server prometheus
+PORT     ?= 8080
+SIM_PORT ?= 9000
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: install demo test lint bench system-deps clean
 
+# Development venv: the package plus the dev extras (tests, linters, profiler).
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# redis-server (tests, demo) and prometheus/promtool (monitoring tests) from Debian's packages.
+# `make install`: the venv with the runtime package only (no dev extras, nothing from apt).
+# `make demo` adds the openai SDK its banner's snippet uses. A dev venv already has both.
+$(VENV)/.runtime $(VENV)/.demo: pyproject.toml
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then touch $@; else \
+	  $(PY) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && \
+	  $(BIN)/pip install -q -e '.$(if $(filter %.demo,$@),[demo])' && touch $@; fi
+
+install: $(VENV)/.runtime
+	@echo "installed: . $(BIN)/activate  (or run $(BIN)/meterproxy)"
+
+# redis-server (tests) and prometheus/promtool (monitoring tests) from Debian's packages.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -31,8 +44,9 @@ lint: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
-demo: $(STAMP) system-deps
-	$(BIN)/python scripts/demo.py
+# The demo uses the in-process limiter and the simulator: no Redis, no Prometheus, no apt.
+demo: $(VENV)/.demo
+	@$(BIN)/python scripts/demo.py --port $(PORT) --sim-port $(SIM_PORT)
 
 # issue #6: nginx (the forwarding floor), wrk (load), redis-server (store) and taskset from Debian's
 # packages; py-spy comes with the dev extras. Writes bench/results/ and docs/performance.md.
