@@ -1,5 +1,11 @@
-# meterproxy image: `docker build -t meterproxy .` then
-#   docker run -v ./policies/demo.yaml:/etc/meterproxy/config.yaml:ro -p 8080:8080 meterproxy
+# meterproxy image (docs/operations.md "Docker"). Build, then run with the single-host config of
+# deploy/, provider keys and key hashes from the environment, the SQLite ledger in a named volume:
+#   docker build -t meterproxy .
+#   export METERPROXY_ADMIN_KEY_SHA256=... METERPROXY_APP_KEY_SHA256=... OPENAI_API_KEY=... ANTHROPIC_API_KEY=...
+#   docker run -d --name meterproxy -p 8080:8080 \
+#     -v "$PWD/deploy/single.yaml:/etc/meterproxy/config.yaml:ro" -v meterproxy-ledger:/var/lib/meterproxy \
+#     -e METERPROXY_ADMIN_KEY_SHA256 -e METERPROXY_APP_KEY_SHA256 -e OPENAI_API_KEY -e ANTHROPIC_API_KEY meterproxy
+# Reload the config: docker kill -s HUP meterproxy. Logs: docker logs meterproxy.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -14,7 +20,10 @@ COPY . /tmp/src
 RUN pip install /tmp/src && rm -rf /tmp/src
 
 # Fixed numeric uid so orchestrators can check runAsNonRoot without resolving names.
-RUN useradd --system --uid 10001 --user-group --create-home --shell /usr/sbin/nologin meterproxy
+RUN useradd --system --uid 10001 --user-group --create-home --shell /usr/sbin/nologin meterproxy \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/meterproxy
+# The SQLite ledger (ledger.url in deploy/single.yaml); a new named volume inherits the owner.
+VOLUME /var/lib/meterproxy
 USER 10001:10001
 WORKDIR /home/meterproxy
 
