@@ -1,4 +1,4 @@
-"""Config: YAML with ${ENV} substitution → validated, frozen Config (SPEC.md "Config file").
+"""Config: YAML with ${ENV} substitution → validated, frozen Config (docs/configuration.md).
 
 Every error is reported as `path.to.field: message`, all at once, so an operator fixes a file in
 one pass. Derived lookup tables (key hash → Principal, path prefix → provider) are built here,

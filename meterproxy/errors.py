@@ -1,4 +1,4 @@
-"""Errors the proxy itself answers, in the OpenAI error shape (SPEC.md "HTTP surface").
+"""Errors the proxy itself answers, in the OpenAI error shape (docs/api.md "Errors").
 
     ProxyError                      status, type, code; body() -> OpenAI error JSON
     ├── AuthError                   401 invalid_request_error / invalid_api_key

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of SPEC.md "Metrics", defined in one place on an injected registry.
+"""Every Prometheus metric of docs/metrics.md, defined in one place on an injected registry.
 
 The names, types and labels below are part of the product contract; the dashboard
 (`dashboards/meterproxy.json`) and the alerts (`deploy/alerts.yml`) query them by name.
