@@ -164,6 +164,10 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
         m.child(m.ttft, call.provider.name, model).observe(out.ttft)
     if out.upstream_error is not None:
         m.upstream_errors.labels(call.provider.name, out.upstream_error).inc()
+        logs.upstream_failed(call.request_id, call.provider.name, call.provider.base_url, out.upstream_error)
+    # Before settlement, the one await left: the access line cannot be lost to a store fault.
+    logs.access(call.request_id, p, call.provider.name, call.model, status, usage.source, usage.prompt,
+                usage.completion, cost_nano, duration, len(call.body_bytes))
     if call.adm is not None:
         try:
             await state.limiter.settle(call.adm, usage.total, cost_nano)
@@ -171,10 +175,6 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
             state.health.failed(exc.operation, exc)
             _settle_later(state, call.adm, usage.total, cost_nano)
     m.overhead.observe(call.overhead + (perf_counter() - t_fin))
-    if out.upstream_error is not None:
-        logs.upstream_failed(call.request_id, call.provider.name, call.provider.base_url, out.upstream_error)
-    logs.access(call.request_id, p, call.provider.name, call.model, status, usage.source, usage.prompt,
-                usage.completion, cost_nano, duration, len(call.body_bytes))
 
 
 def record_rejection(state: AppState, cfg: Config, scope: dict[str, Any], err: ProxyError) -> None:
