@@ -7,7 +7,7 @@ APT_PKGS := redis-server prometheus
 PORT     ?= 8080
 SIM_PORT ?= 9000
 
-.PHONY: install demo test lint bench system-deps clean
+.PHONY: install demo demo-ports test lint bench system-deps clean
 
 # Development venv: the package plus the dev extras (tests, linters, profiler).
 $(STAMP): pyproject.toml
@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 # `make demo` adds the openai SDK its banner's snippet uses. A dev venv already has both.
 $(VENV)/.runtime $(VENV)/.demo: pyproject.toml
 	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then touch $@; else \
+	  echo "setting up $(VENV) (runtime package$(if $(filter %.demo,$@), + openai SDK)) ..." && \
 	  $(PY) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && \
 	  $(BIN)/pip install -q -e '.$(if $(filter %.demo,$@),[demo])' && touch $@; fi
 
@@ -45,8 +46,12 @@ test: $(STAMP) system-deps lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
 # The demo uses the in-process limiter and the simulator: no Redis, no Prometheus, no apt.
-demo: $(VENV)/.demo
+# Ports are checked first (stdlib only), so a taken port fails before anything is installed.
+demo: demo-ports $(VENV)/.demo
 	@$(BIN)/python scripts/demo.py --port $(PORT) --sim-port $(SIM_PORT)
+
+demo-ports:
+	@$(PY) scripts/demo.py --check-ports --port $(PORT) --sim-port $(SIM_PORT)
 
 # issue #6: nginx (the forwarding floor), wrk (load), redis-server (store) and taskset from Debian's
 # packages; py-spy comes with the dev extras. Writes bench/results/ and docs/performance.md.

@@ -45,6 +45,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, default=8080, help="the proxy's port")
     ap.add_argument("--sim-port", type=int, default=9000, help="the simulated provider's port")
+    ap.add_argument("--check-ports", action="store_true", help="only check that both ports are free")
     args = ap.parse_args()
     port, sim_port = args.port, args.sim_port
     if port == sim_port:
@@ -56,6 +57,8 @@ def main() -> int:
             print(f"make demo: port {p} is not available ({why}); choose another: make demo {var}=<port>",
                   file=sys.stderr)
             return 1
+    if args.check_ports:
+        return 0
     # policies/demo.yaml points at the simulator on 9000: a copy points at SIM_PORT.
     cfg = tempfile.NamedTemporaryFile("w", prefix="meterproxy-demo-", suffix=".yaml", delete=False)  # noqa: SIM115
     cfg.write((ROOT / "policies" / "demo.yaml").read_text().replace("127.0.0.1:9000", f"127.0.0.1:{sim_port}"))
