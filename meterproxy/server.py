@@ -60,6 +60,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, config: ServerConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.limits = config.client_limits
+        self._max_head = self.limits.max_header_bytes
+        self._max_headers = self.limits.max_headers
         self._in_head = False        # a request has begun and its head is not complete
         self._head_bytes = 0         # request line + fields seen for the current request
         self._header_count = 0
@@ -103,6 +105,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head and self._head_timer is None:
             self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
         elif self._in_body and self._body_timer is None:
+            self._last_body = self.loop.time()
             self._body_timer = self.loop.call_later(self.limits.body_read_timeout_s, self._body_timeout)
         if messages != self._messages:
             return
@@ -110,7 +113,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # see it: count the bytes of reads that fell wholly inside an incomplete head or trailer.
         if (in_head and self._in_head) or (chunk_open and self._chunk_open):
             self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
+            if self._head_bytes > self._max_head:
                 self._refuse(self._too_large())
 
     # --- parser callbacks -------------------------------------------------------------------------
@@ -122,23 +125,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
 
+    # on_url and on_header run per header field of every request: parent logic inlined, no super().
     def on_url(self, url: bytes) -> None:
         self._head_bytes += len(url)
-        if self._head_bytes > self.limits.max_header_bytes:
+        if self._head_bytes > self._max_head:
             self._refuse(self._too_large(), stop=True)
-        super().on_url(url)
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.limits.max_header_bytes:
+        if self._head_bytes > self._max_head:
             self._refuse(self._too_large(), stop=True)
         if not self._in_head:
             return  # a chunked trailer field: never a request header (it authenticated, issue #14)
         self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            self._refuse(HeadersTooLarge(f"More than {self.limits.max_headers} header fields."),
-                         stop=True)
-        super().on_header(name, value)
+        if self._header_count > self._max_headers:
+            self._refuse(HeadersTooLarge(f"More than {self._max_headers} header fields."), stop=True)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if len(self.connections) > self.limits.max_connections or len(self.tasks) >= self.limits.max_connections:
@@ -151,12 +157,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        self._last_body = self.loop.time()
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         self._chunk_open = False
-        self._last_body = self.loop.time()
+        if self._body_timer is not None:   # armed only while a body is incomplete after a read
+            self._last_body = self.loop.time()
         super().on_body(body)
 
     def on_chunk_header(self) -> None:

@@ -325,3 +325,18 @@ def test_big_unauthenticated_heads_keep_rss_flat(target: tuple[Proc, Proc, httpx
     assert growth < 50, f"RSS grew by {growth:.1f} MB"
     assert statuses.count(431) >= 1 and set(statuses) <= {0, 431}, statuses
     assert _sim_requests(client, sim) == before_fwd
+
+
+def test_limits_apply_in_every_worker(tmp_path: Path) -> None:
+    """`--workers N` builds its workers from the same server config: a big head is 431 there too."""
+    with simulator() as sim:
+        cfg = make_config(sim.port, server={"max_header_bytes": 4096})
+        with proxy(write_config(tmp_path / "c.yaml", cfg), workers=2) as px:
+            for _ in range(4):      # whichever worker accepts
+                with _connect(px) as s:
+                    s.sendall(_head(extra=b"x-big: " + b"a" * 8192 + b"\r\n") + BODY)
+                    data = _read_all(s)
+                assert _status(data) == 431, data[:300]
+            r = httpx.post(f"{px.base}/v1/chat/completions", headers={"Authorization": f"Bearer {ALICE}"},
+                           json={"model": "gpt-5.4", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
