@@ -258,3 +258,35 @@ def test_owner_head_does_not_meter_and_get_meters_once(target: tuple[Proc, Proc,
     client.get(f"{px.base}/v3/ai/chat_completion_runs/{run_uid}", headers=owner)
     assert tokens() == metered
 
+
+
+def _requests_metric(client: httpx.Client, px: Proc, key: str, model: str) -> float:
+    total = 0.0
+    for line in client.get(f"{px.base}/metrics").text.splitlines():
+        if line.startswith("meterproxy_requests_total{") and f'key="{key}"' in line and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_pass_through_with_a_model_is_counted_under_it(target: tuple[Proc, Proc, httpx.Client]) -> None:
+    """A pass-through path is not metered, but a model it names is counted (requests metric)."""
+    _sim, px, client = target
+    before = _requests_metric(client, px, "carol-1", "gpt-4o-mini")
+    _r, forwarded = _send(target, "POST", "/v1/images/generations", CAROL, json={"model": "gpt-4o-mini", "prompt": "x"})
+    assert forwarded == 1
+    assert _requests_metric(client, px, "carol-1", "gpt-4o-mini") == before + 1
+
+
+def test_pass_through_model_without_price_is_not_unpriced(target: tuple[Proc, Proc, httpx.Client]) -> None:
+    _sim, px, client = target
+
+    def unpriced() -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in client.get(f"{px.base}/metrics").text.splitlines()
+                   if line.startswith('meterproxy_unpriced_requests_total{model="dall-e-9"'))
+
+    before = unpriced()
+    _r, forwarded = _send(target, "POST", "/v1/images/generations", bearer("alice-2"),
+                         json={"model": "dall-e-9", "prompt": "x"})
+    assert forwarded == 1
+    assert _requests_metric(client, px, "alice-2", "dall-e-9") >= 1
+    assert unpriced() == before
