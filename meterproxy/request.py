@@ -145,6 +145,10 @@ def _check_models(principal: Principal, headers: list[tuple[bytes, bytes]], path
     elif principal.models is not None and method != "GET":
         in_body = multipart_model(headers, body)
     named = [m for m in (in_path, in_body) if m is not None]
+    if parsed is not None and isinstance(parsed.get("requests"), list):
+        # A message batch (Anthropic): each request names its model in `params`.
+        named += [r["params"]["model"] if isinstance(r["params"].get("model"), str) else ""
+                  for r in parsed["requests"] if isinstance(r, dict) and isinstance(r.get("params"), dict)]
     for model in named:
         check_model_id(model)
         if not principal.allows_model(model):

@@ -290,3 +290,13 @@ def test_pass_through_model_without_price_is_not_unpriced(target: tuple[Proc, Pr
     assert forwarded == 1
     assert _requests_metric(client, px, "alice-2", "dall-e-9") >= 1
     assert unpriced() == before
+
+
+def test_forbidden_model_in_a_message_batch(target: tuple[Proc, Proc, httpx.Client]) -> None:
+    batch = {"requests": [{"custom_id": "a", "params": {"model": "gpt-4o-mini", "messages": MSG}},
+                          {"custom_id": "b", "params": {"model": "gpt-5.4", "messages": MSG}}]}
+    r, forwarded = _send(target, "POST", "/v1/messages/batches", CAROL, json=batch)
+    assert r.status_code == 403 and forwarded == 0, r.text
+    batch["requests"] = batch["requests"][:1]
+    r, forwarded = _send(target, "POST", "/v1/messages/batches", CAROL, json=batch)
+    assert forwarded == 1
