@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from meterproxy.auth import authenticate
-from meterproxy.bodies import check_model_id, json_object, multipart_model, with_include_usage
+from meterproxy.bodies import check_model_id, form_fields, form_models, json_object, with_include_usage
 from meterproxy.config import Config, Principal, Provider
 from meterproxy.endpoints import Endpoint, check_path, classify, normalise, path_model
 from meterproxy.errors import (
@@ -134,17 +134,21 @@ def reservation(cfg: Config, body: dict[str, Any] | None, body_len: int) -> int:
 
 def _check_models(principal: Principal, headers: list[tuple[bytes, bytes]], path: str,
                   parsed: dict[str, Any] | None, body: bytes, metered: bool, method: str) -> str:
-    """Every model the request names (its path, Gemini style; its JSON body; a multipart `model`
-    field) within the length bound and the key's allowlist; returns the one to meter under."""
+    """Every model the request names (its path, Gemini style; its JSON body, a message batch's
+    requests; a form's `model` field, a batch input file's lines) within the length bound and the
+    key's allowlist; returns the one to meter under."""
     in_path = path_model(path)
     in_body: str | None = None
-    if parsed is not None:
-        if "model" in parsed or metered:
-            value = parsed.get("model")
-            in_body = value if isinstance(value, str) else ""
-    elif principal.models is not None and method != "GET":
-        in_body = multipart_model(headers, body)
+    if parsed is not None and ("model" in parsed or metered):
+        value = parsed.get("model")
+        in_body = value if isinstance(value, str) else ""
     named = [m for m in (in_path, in_body) if m is not None]
+    if parsed is None and principal.models is not None and method != "GET":
+        fields = form_fields(headers, body)   # a form is read only to enforce an allowlist
+        if fields is not None:
+            in_form = form_models(fields)     # its `model` field first, then batch file lines
+            named += in_form
+            in_body = in_form[0] if "model" in fields else None
     if parsed is not None and isinstance(parsed.get("requests"), list):
         # A message batch (Anthropic): each request names its model in `params`.
         named += [r["params"]["model"] if isinstance(r["params"].get("model"), str) else ""

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterproxy.bodies import check_model_id, json_object, multipart_model, with_include_usage
+from meterproxy.bodies import check_model_id, form_fields, form_models, json_object, with_include_usage
 from meterproxy.endpoints import check_path, path_model
 from meterproxy.errors import InvalidJSON, InvalidRequest
 from meterproxy.runs import run_path_uid
@@ -101,16 +101,33 @@ def _form(*parts: tuple[str, str]) -> bytes:
     return out + b"--XX--\r\n"
 
 
-def test_multipart_model() -> None:
-    assert multipart_model(CT, _form(('form-data; name="file"; filename="a"', "xx"),
-                                     ('form-data; name="model"', "whisper-1"))) == "whisper-1"
-    assert multipart_model(CT, _form(('form-data; name=model', "m2"))) == "m2"
-    assert multipart_model(CT, _form(('form-data; filename="x"; name="model"', "m3"))) == "m3"
-    assert multipart_model(CT, _form(('form-data; name="model_size"', "m"))) is None
-    assert multipart_model(CT, _form(('form-data; name="file"; filename="model"', "m"))) is None
-    assert multipart_model([(b"content-type", b"application/json")], _form(('form-data; name="model"', "m"))) is None
+def _models(body: bytes, headers: list[tuple[bytes, bytes]] = CT) -> list[str] | None:
+    fields = form_fields(headers, body)
+    return None if fields is None else form_models(fields)
+
+
+def test_form_models() -> None:
+    assert _models(_form(('form-data; name="file"; filename="a"', "xx\r\n--X"),
+                         ('form-data; name="model"', "whisper-1"))) == ["whisper-1"]
+    assert _models(_form(('form-data; name=model', "m2"))) == ["m2"]
+    assert _models(_form(('form-data; filename="x"; name="model"', "m3"))) == ["m3"]
+    assert _models(_form(('form-data; name="model_size"', "m"))) == []
+    assert _models(_form(('form-data; name="file"; filename="model"', "m"))) == []
+    assert _models(_form(('form-data; name="model"', "m")), [(b"content-type", b"application/json")]) is None
     with pytest.raises(InvalidRequest):
-        multipart_model(CT, _form(('form-data; name="model"', "a"), ('form-data; name="model"', "b")))
+        _models(_form(('form-data; name="model"', "a"), ('form-data; name="model"', "b")))
+
+
+def test_batch_input_file_models() -> None:
+    lines = "\n".join(json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions",
+                                  "body": {"model": m, "messages": []}}) for i, m in enumerate(["a", "b"]))
+    form = _form(('form-data; name="purpose"', "batch"), ('form-data; name="file"; filename="b.jsonl"', lines))
+    assert _models(form) == ["a", "b"]
+    other = _form(('form-data; name="purpose"', "assistants"), ('form-data; name="file"; filename="x"', lines))
+    assert _models(other) == []
+    for bad in ('{"body": {"model": "a", "model": "b"}}', '{"body": {"mod\\u0065l": "b"}}', "{nope"):
+        with pytest.raises(InvalidRequest):
+            _models(_form(('form-data; name="purpose"', "batch"), ('form-data; name="file"; filename="b"', bad)))
 
 
 def test_model_id_length() -> None:

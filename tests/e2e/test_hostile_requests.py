@@ -300,3 +300,17 @@ def test_forbidden_model_in_a_message_batch(target: tuple[Proc, Proc, httpx.Clie
     batch["requests"] = batch["requests"][:1]
     r, forwarded = _send(target, "POST", "/v1/messages/batches", CAROL, json=batch)
     assert forwarded == 1
+
+
+def test_forbidden_model_in_a_batch_input_file(target: tuple[Proc, Proc, httpx.Client]) -> None:
+    """A batch input file names the models the provider will run later: its lines are allowlisted."""
+    def upload(*models: str) -> tuple[httpx.Response, int]:
+        lines = "\n".join(json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions",
+                                      "body": {"model": m, "messages": MSG}}) for i, m in enumerate(models))
+        return _send(target, "POST", "/v1/files", CAROL, data={"purpose": "batch"},
+                     files={"file": ("batch.jsonl", lines.encode(), "application/jsonl")})
+
+    r, forwarded = upload("gpt-4o-mini", "gpt-5.4")
+    assert r.status_code == 403 and forwarded == 0, r.text
+    _r, forwarded = upload("gpt-4o-mini", "gpt-4o-mini")
+    assert forwarded == 1
