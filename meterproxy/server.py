@@ -33,7 +33,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meterproxy.config import Config
-from meterproxy.errors import HeadersTooLarge, ProxyError, RequestTimeout, ServerOverloaded
+from meterproxy.errors import HeadersTooLarge, InvalidRequest, ProxyError, RequestTimeout, ServerOverloaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +224,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # --- refusing ---------------------------------------------------------------------------------
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser rejects, in the proxy's JSON error shape."""
+        self._refuse(InvalidRequest(msg))
+
     def _too_large(self) -> ProxyError:
         return HeadersTooLarge(f"Request line and headers exceed {self.limits.max_header_bytes} bytes.")
 
@@ -253,7 +257,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 STARTUP_FAILURE = 3  # uvicorn.main.STARTUP_FAILURE: what `uvicorn.run` exits with
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
             503: b"Service Unavailable"}
 
 

@@ -340,3 +340,16 @@ def test_limits_apply_in_every_worker(tmp_path: Path) -> None:
             r = httpx.post(f"{px.base}/v1/chat/completions", headers={"Authorization": f"Bearer {ALICE}"},
                            json={"model": "gpt-5.4", "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 200
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /v1/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_unparseable_requests_get_a_json_400(target: tuple[Proc, Proc, httpx.Client], request_bytes: bytes) -> None:
+    _sim, px, _client = target
+    with _connect(px) as s:
+        s.sendall(request_bytes)
+        data = _read_all(s)
+    assert _status(data) == 400 and _error_code(data) == "invalid_request", data[:300]
