@@ -64,6 +64,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._max_headers = self.limits.max_headers
         self._in_head = False        # a request has begun and its head is not complete
         self._head_bytes = 0         # request line + fields seen for the current request
+        self._wire_bytes = 0         # bytes of reads wholly inside its head or trailer
         self._header_count = 0
         self._messages = 0           # requests begun on this connection
         self._in_body = False        # head complete, message not yet complete
@@ -110,10 +111,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if messages != self._messages:
             return
         # A field still being received is accumulated inside the parser, where on_header cannot
-        # see it: count the bytes of reads that fell wholly inside an incomplete head or trailer.
+        # see it: count the bytes of reads that fell wholly inside an incomplete head or trailer
+        # (apart from on_header's count: the two overlap, each is at most the true size).
         if (in_head and self._in_head) or (chunk_open and self._chunk_open):
-            self._head_bytes += len(data)
-            if self._head_bytes > self._max_head:
+            self._wire_bytes += len(data)
+            if self._wire_bytes > self._max_head:
                 self._refuse(self._too_large())
 
     # --- parser callbacks -------------------------------------------------------------------------
@@ -123,6 +125,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._messages += 1
         self._in_head = True
         self._head_bytes = 0
+        self._wire_bytes = 0
         self._header_count = 0
 
     # on_url and on_header run per header field of every request: parent logic inlined, no super().

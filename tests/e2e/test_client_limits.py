@@ -353,3 +353,18 @@ def test_unparseable_requests_get_a_json_400(target: tuple[Proc, Proc, httpx.Cli
         s.sendall(request_bytes)
         data = _read_all(s)
     assert _status(data) == 400 and _error_code(data) == "invalid_request", data[:300]
+
+
+def test_head_under_the_limit_sent_in_pieces_passes(target: tuple[Proc, Proc, httpx.Client]) -> None:
+    """48 KB of headers (under 64 KiB) arriving in 4 KB reads is served: the bytes of reads inside
+    the head and the fields completed by them are not added up twice."""
+    _sim, px, _client = target
+    extra = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 990) for i in range(48))
+    request = _head(extra=extra + b"Connection: close\r\n") + BODY
+    with _connect(px) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(request), 4096):
+            s.sendall(request[i:i + 4096])
+            time.sleep(0.02)
+        data = _read_all(s)
+    assert _status(data) == 200, data[:300]
