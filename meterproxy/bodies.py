@@ -70,6 +70,8 @@ def _repeated_top_level_key(body: bytes) -> str | None:
         json.loads(body, object_pairs_hook=keep)   # parses: orjson accepted it already
     except RecursionError as exc:   # deeper than the stdlib parser goes: cannot be checked
         raise InvalidJSON("The JSON body is nested too deeply.") from exc
+    except ValueError as exc:       # e.g. an integer past the stdlib's digit limit
+        raise InvalidJSON("We could not parse the JSON body of your request.") from exc
     # Objects complete innermost first, so the outermost (the body itself) is the last one.
     seen: set[str] = set()
     for key, _ in objects[-1]:
