@@ -1,4 +1,9 @@
-"""Client authentication: the key from `Authorization: Bearer` or `x-api-key`, looked up by sha256.
+"""Client authentication: the key from `Authorization: Bearer`, `x-api-key` or `x-goog-api-key`,
+looked up by sha256.
+
+`KEY_HEADERS` is the one place that decides which request headers can carry a key: only these are
+ever read for authentication, and the forwarder drops exactly these (headers.py). They are read
+from the request head only (chunked trailer fields never become headers: meterproxy/server.py).
 
 Keys never exist in memory beyond this call: the config holds only their hashes, and the lookup is
 one dict access on the hex digest (a timing side channel on a dict of hashes reveals nothing useful
@@ -14,6 +19,8 @@ from collections.abc import Iterable
 from meterproxy.config import Config, Principal
 from meterproxy.errors import AuthError, InvalidRequest
 
+KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-goog-api-key"})
+
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The single key a request carries, or None. Two different keys (in one header twice, or in
@@ -25,7 +32,7 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
             if scheme.lower() != b"bearer":
                 raise AuthError("Unsupported Authorization scheme; use 'Bearer <key>'.")
             candidate = token.strip()
-        elif name == b"x-api-key":
+        elif name in KEY_HEADERS:   # x-api-key, x-goog-api-key: the key itself
             candidate = value.strip()
         else:
             continue
@@ -49,7 +56,8 @@ def authenticate(cfg: Config, headers: Iterable[tuple[bytes, bytes]]) -> Princip
     """The principal of the request's key; AuthError (401) when missing or unknown."""
     key = presented_key(headers)
     if key is None:
-        raise AuthError("You didn't provide an API key. Use 'Authorization: Bearer <key>' or 'x-api-key'.")
+        raise AuthError("You didn't provide an API key. Use 'Authorization: Bearer <key>', 'x-api-key' "
+                        "or 'x-goog-api-key'.")
     principal = cfg.principals.get(key_hash(key))
     if principal is None:
         raise AuthError("Incorrect API key provided.")

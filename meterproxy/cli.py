@@ -49,7 +49,7 @@ def ensure_port_free(host: str, port: int, option: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from meterproxy import server
 
     cfg = load_or_report(args.config)
     if cfg is None:
@@ -61,17 +61,17 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.server.log_format)
     logs.startup(cfg, host, port, workers)
     common: dict[str, Any] = dict(
-        host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+        host=host, port=port, loop="uvloop", lifespan="on",
         access_log=False, log_level="warning", server_header=False, date_header=False,
         proxy_headers=False,  # x-forwarded-* from clients is never trusted (issue #7)
-        timeout_graceful_shutdown=cfg.server.shutdown_grace_s, timeout_keep_alive=75,
+        timeout_graceful_shutdown=cfg.server.shutdown_grace_s,
         backlog=4096,
     )
     if workers == 1:
         from meterproxy.app import MeterProxy
 
         _graceful_exit_is_success()
-        uvicorn.run(MeterProxy(cfg, args.config), **common)
+        server.run(MeterProxy(cfg, args.config), cfg, **common)
         return 0
     # Several workers: one /metrics for all of them through prometheus-client's multiprocess mode.
     mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -81,7 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     os.environ["METERPROXY_CONFIG"] = os.path.abspath(args.config)
     try:
-        _run_workers(uvicorn.Config("meterproxy.app:app_from_env", factory=True, workers=workers, **common))
+        _run_workers(server.server_config("meterproxy.app:app_from_env", cfg, factory=True, workers=workers,
+                                          **common))
     finally:
         if owned and mp_dir:
             shutil.rmtree(mp_dir, ignore_errors=True)

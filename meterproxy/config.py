@@ -56,6 +56,14 @@ class ServerConfig(_Model):
     max_model_labels: int = Field(200, ge=1)
     # Log lines on stderr: text, or one JSON object per line for log shippers (docs/operations.md).
     log_format: Literal["text", "json"] = "text"
+    # Client connections (issue #14; read at start, a reload does not change them). None of them
+    # applies while a response is being sent: a slow stream download is never cut by them.
+    max_header_bytes: int = Field(65536, ge=1024)     # request line + header fields; more → 431
+    max_headers: int = Field(100, ge=1)               # header fields; more → 431
+    header_timeout_s: float = Field(20.0, gt=0)       # connection (or next request) → complete head; 408
+    body_read_timeout_s: float = Field(30.0, gt=0)    # longest pause inside a request body; 408
+    keep_alive_timeout_s: float = Field(75.0, gt=0)   # an idle kept-alive connection is closed
+    max_connections: int = Field(2048, ge=1)          # open client connections; beyond → 503
 
 
 class StoreConfig(_Model):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from meterproxy.errors import InvalidRequest
+
 # family → (path suffix, include_usage applies). Longest suffix first where one ends another.
 _SUFFIXES: tuple[tuple[str, str, bool], ...] = (
     ("/chat/completions", "chat", True),
@@ -53,3 +55,29 @@ def classify(path: str) -> Endpoint | None:
         if path.endswith(suffix):
             return Endpoint(family, stream_options)
     return None
+
+
+# Control characters in the decoded path (`%00`, `%0a`...), and encoded separators in the raw one:
+# `/v1/chat%2Fcompletions` is one segment to a provider that splits before decoding and two to one
+# that decodes first, so the proxy could meter or allowlist a path the provider reads differently.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENCODED_SEPARATOR = re.compile(rb"%(?:2[fF]|5[cC])")
+
+
+def check_path(path: str, raw_path: bytes) -> None:
+    """Refuse (400) a path that providers could read differently from the proxy."""
+    if _CONTROL.search(path) is not None:
+        raise InvalidRequest("The path contains control characters.")
+    if b"%" in raw_path and _ENCODED_SEPARATOR.search(raw_path) is not None:
+        raise InvalidRequest("Encoded slashes or backslashes (%2F, %5C) are not allowed in the path.")
+
+
+# The model a path names, Gemini style (/v1beta/models/{model}:generateContent, :countTokens,
+# :embedContent, ...): checked against the key's allowlist whatever the method after the colon.
+_PATH_MODEL = re.compile(r"/models/([^/:]+):[A-Za-z]+$")
+
+
+def path_model(path: str) -> str | None:
+    """The model named in a normalised path, or None."""
+    m = _PATH_MODEL.search(path) if ":" in path else None
+    return m.group(1) if m is not None else None

@@ -123,3 +123,24 @@ class UpstreamTimeout(ProxyError):
 
 class StoreUnavailable(ProxyError):
     status, type, code = 503, "server_error", "store_unavailable"
+
+
+# Client-connection refusals written by meterproxy/server.py before any application code runs
+# (issue #14); each closes the connection.
+#   RequestTimeout      408 invalid_request_error / request_timeout
+#   HeadersTooLarge     431 invalid_request_error / request_header_fields_too_large
+#   ServerOverloaded    503 server_error / server_overloaded (+ Retry-After: 1)
+
+class RequestTimeout(ProxyError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
+class HeadersTooLarge(ProxyError):
+    status, type, code = 431, "invalid_request_error", "request_header_fields_too_large"
+
+
+class ServerOverloaded(ProxyError):
+    status, type, code = 503, "server_error", "server_overloaded"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", b"1")]

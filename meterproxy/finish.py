@@ -158,7 +158,8 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
                    status=status, source=usage.source, prompt=usage.prompt,
                    cached_prompt=usage.cached_prompt, completion=usage.completion,
                    reasoning=usage.reasoning, cost_usd=nano_to_usd(cost_nano),
-                   priced=priced or not call.model)
+                   # pass-through (not a metered path nor a run's poll) needs no price
+                   priced=priced or not call.model or not (call.metered or call.poll_uid is not None))
     m.child(m.duration, call.provider.name, model, "true" if out.stream else "false").observe(duration)
     if out.ttft is not None:
         m.child(m.ttft, call.provider.name, model).observe(out.ttft)

@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Iterable
 
+from meterproxy.auth import KEY_HEADERS
 from meterproxy.config import Provider
 from meterproxy.limits import RateSnapshot
 
@@ -14,7 +15,7 @@ _HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
-_CLIENT_OWNED = _HOP | {b"host", b"content-length", b"authorization", b"x-api-key", b"x-request-id"}
+_CLIENT_OWNED = _HOP | KEY_HEADERS | {b"host", b"content-length", b"x-request-id"}
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import orjson
 
 from meterproxy.auth import authenticate
+from meterproxy.bodies import check_model_id, form_fields, form_models, json_object, with_include_usage
 from meterproxy.config import Config, Principal, Provider
-from meterproxy.endpoints import Endpoint, classify, normalise
+from meterproxy.endpoints import Endpoint, check_path, classify, normalise, path_model
 from meterproxy.errors import (
     BodyTooLarge,
     InvalidJSON,
@@ -31,6 +32,7 @@ from meterproxy.headers import client_request_id
 from meterproxy.limits import Admission, Decision, StoreError
 from meterproxy.metering.estimate import cheap_prompt_estimate
 from meterproxy.metering.usage import Usage
+from meterproxy.runs import run_path_uid
 from meterproxy.state import AppState
 
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_usd", "monthly_usd"})
@@ -130,11 +132,41 @@ def reservation(cfg: Config, body: dict[str, Any] | None, body_len: int) -> int:
     return prompt + completion * min(n, _MAX_N)
 
 
+def _check_models(principal: Principal, headers: list[tuple[bytes, bytes]], path: str,
+                  parsed: dict[str, Any] | None, body: bytes, metered: bool, method: str) -> str:
+    """Every model the request names (its path, Gemini style; its JSON body, a message batch's
+    requests; a form's `model` field, a batch input file's lines) within the length bound and the
+    key's allowlist; returns the one to meter under."""
+    in_path = path_model(path)
+    in_body: str | None = None
+    if parsed is not None and ("model" in parsed or metered):
+        value = parsed.get("model")
+        in_body = value if isinstance(value, str) else ""
+    named = [m for m in (in_path, in_body) if m is not None]
+    if parsed is None and principal.models is not None and method != "GET":
+        fields = form_fields(headers, body)   # a form is read only to enforce an allowlist
+        if fields is not None:
+            in_form = form_models(fields)     # its `model` field first, then batch file lines
+            named += in_form
+            in_body = in_form[0] if "model" in fields else None
+    if parsed is not None and isinstance(parsed.get("requests"), list):
+        # A message batch (Anthropic): each request names its model in `params`.
+        named += [r["params"]["model"] if isinstance(r["params"].get("model"), str) else ""
+                  for r in parsed["requests"] if isinstance(r, dict) and isinstance(r.get("params"), dict)]
+    for model in named:
+        check_model_id(model)
+        if not principal.allows_model(model):
+            raise ModelNotAllowed(f"The model '{model[:200]}' is not allowed for this key.")
+    return in_path or in_body or ""
+
+
 async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: Any) -> Call:
     """Everything up to (not including) the upstream request. Raises ProxyError or ClientGone."""
     t0 = perf_counter()
     path: str = scope["path"]
     _reject_traversal(path)
+    raw_path: bytes = scope.get("raw_path") or path.encode()
+    check_path(path, raw_path)
     provider = cfg.route(path)
     if provider is None:
         raise UnknownRoute(f"No provider is configured for {path}.")
@@ -142,21 +174,26 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
     principal = authenticate(cfg, headers)
     method: str = scope["method"]
     body_bytes = await read_body(receive, cfg.server.max_body_bytes, headers)
-    endpoint: Endpoint | None = classify(normalise(path)) if method == "POST" else None
+    norm = normalise(path)
+    endpoint: Endpoint | None = classify(norm) if method == "POST" else None
     metered = endpoint is not None
-    body: dict[str, Any] | None = None
-    if metered:
+    # Every JSON object body is read, metered or not: the model it names is allowlisted on every
+    # provider path (issue #14), and an ambiguous body is refused before anything is forwarded.
+    parsed = json_object(body_bytes)
+    if metered and parsed is None:
         try:
-            parsed = orjson.loads(body_bytes)
+            orjson.loads(body_bytes)
         except orjson.JSONDecodeError as exc:
             raise InvalidJSON("We could not parse the JSON body of your request.") from exc
-        if not isinstance(parsed, dict):
-            raise InvalidJSON("The request body must be a JSON object.")
-        body = parsed
-    model = body.get("model") if body is not None else None
-    model = model if isinstance(model, str) else ""
-    if body is not None and not principal.allows_model(model):
-        raise ModelNotAllowed(f"The model '{model[:200]}' is not allowed for this key.")
+        raise InvalidJSON("The request body must be a JSON object.")
+    body = parsed if metered else None
+    model = _check_models(principal, headers, norm, parsed, body_bytes, metered, method)
+    if body is not None:
+        n = body.get("n")
+        if isinstance(n, int | float) and not isinstance(n, bool) and n > _MAX_N:
+            # Reserving for at most _MAX_N while forwarding n=10**6 let one request cost far more
+            # than it reserved (issue #14): beyond the cap it is refused.
+            raise InvalidRequest(f"n must be at most {_MAX_N}.", param="n")
 
     stream_requested = False
     inject = False
@@ -169,24 +206,22 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
             opts = body.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                 # SPEC "Metering rules": ask for usage upstream, strip it from what the client sees.
-                body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-                body_bytes = orjson.dumps(body)
+                body_bytes = with_include_usage(body_bytes, body)
                 inject = True
 
     poll_uid: str | None = None
-    if provider.poll_prefix and path.startswith(provider.poll_prefix) and method == "GET":
-        rest = path[len(provider.poll_prefix):]
-        if provider.poll_suffix:
-            rest = rest[: -len(provider.poll_suffix)] if rest.endswith(provider.poll_suffix) else ""
-        if rest and "/" not in rest:
-            poll_uid = rest
-            try:
-                owner = await state.runs.owner(rest)
-            except StoreError as exc:
-                state.health.failed(exc.operation, exc)
-                raise StoreUnavailable("The usage store is unavailable.") from exc
-            if owner is None or owner[0] != principal.key_id:
-                raise NotFound("No such run.")  # SPEC: another key's run does not exist for you
+    run = run_path_uid(provider.poll_prefix, provider.poll_suffix, norm) if provider.poll_prefix else None
+    if run is not None:
+        run_uid, exact = run
+        try:
+            owner = await state.runs.owner(run_uid) if run_uid else None
+        except StoreError as exc:
+            state.health.failed(exc.operation, exc)
+            raise StoreUnavailable("The usage store is unavailable.") from exc
+        if owner is None or owner[0] != principal.key_id:
+            raise NotFound("No such run.")  # SPEC: another key's run does not exist for you
+        if exact and method == "GET":
+            poll_uid = run_uid
             # The poll names no model (GET, no body): meter and price its result under the model
             # the run was created with (issue #3: polls were metered as model "" at cost 0).
             model = owner[2]
@@ -195,7 +230,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
     call = Call(
         cfg=cfg, provider=provider, principal=principal,
         request_id=client_request_id(headers) or uid, uid=uid, t0=t0, method=method,
-        raw_path=scope.get("raw_path") or path.encode(), query=scope.get("query_string", b""),
+        raw_path=raw_path, query=scope.get("query_string", b""),
         body_bytes=body_bytes, body=body, model=model, metered=metered,
         stream_requested=stream_requested, inject_usage=inject, async_create=async_create,
         poll_uid=poll_uid,

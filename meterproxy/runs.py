@@ -91,3 +91,19 @@ class RedisRuns:
                                           px=int(ttl_s * 1000)))
         except CLIENT_FAILURES as exc:
             raise StoreError("runs_claim", str(exc)) from exc
+
+
+def run_path_uid(poll_prefix: str, poll_suffix: str, path: str) -> tuple[str, bool] | None:
+    """For a normalised path at or under a provider's poll prefix: (the run uid it names, or "";
+    whether it is exactly the poll path). None for any other path.
+
+    Every method and every spelling lands here (`UID/`, `//UID` and `UID;x` normalise to `UID`;
+    `UID%2F` is refused before), so another key's run is a 404 whatever is asked of it: a HEAD
+    answered 200 and advanced the run, a DELETE or POST reached the provider (issue #14). The bare
+    prefix (a list of runs, if the provider has one) names no uid: nobody may reach it."""
+    if not path.startswith(poll_prefix) and path != poll_prefix.rstrip("/"):
+        return None
+    rest = path[len(poll_prefix):]
+    uid, _, _ = rest.partition("/")
+    suffix = poll_suffix.rstrip("/")
+    return uid, bool(uid) and rest == uid + suffix

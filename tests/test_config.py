@@ -19,6 +19,12 @@ FIX = Path(__file__).parent / "fixtures" / "config"
 EXPECTED = {
     "bad_limits.yaml": ["plans.free.rpm: Input should be greater than or equal to 0",
                         "plans.free.tpm: Input should be a valid integer, unable to parse string as an integer"],
+    "bad_client_limits.yaml": ["server.max_header_bytes: Input should be greater than or equal to 1024",
+                               "server.max_headers: Input should be greater than or equal to 1",
+                               "server.header_timeout_s: Input should be greater than 0",
+                               "server.body_read_timeout_s: Input should be greater than 0",
+                               "server.keep_alive_timeout_s: Input should be greater than 0",
+                               "server.max_connections: Input should be greater than or equal to 1"],
     "bad_on_error.yaml": ["store.on_error: Input should be 'open' or 'closed'"],
     "bad_provider.yaml": ["providers.p.base_url: must start with http:// or https://",
                           "providers.p.paths: path prefix 'v1/' must start with /"],
