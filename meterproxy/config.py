@@ -54,6 +54,8 @@ class ServerConfig(_Model):
     metrics_require_admin: bool = False
     # Distinct model label values per process before further ones become "other".
     max_model_labels: int = Field(200, ge=1)
+    # A model without a price: metered at cost 0 and counted (allow), or refused with 403 (refuse).
+    unpriced: Literal["allow", "refuse"] = "allow"
 
 
 class StoreConfig(_Model):
@@ -114,6 +116,9 @@ class ProviderConfig(_Model):
     auth: AuthHeader | None = None
     stream_by_default: bool = False
     async_runs: AsyncRuns | None = None
+    # inject: add include_usage to streams that lack it and strip the usage chunk it causes;
+    # always: the provider streams usage unasked, so neither is done.
+    stream_usage: Literal["inject", "always"] = "inject"
 
     @field_validator("base_url")
     @classmethod
@@ -215,6 +220,7 @@ class Provider:
     poll_prefix: str | None      # async runs: poll path up to {uid}
     poll_suffix: str
     runs_ttl_s: float
+    stream_usage: str = "inject"
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +334,7 @@ def _build(raw: RawConfig, source: str) -> Config:
             auth_header=p.auth.header.lower().encode() if p.auth else None,
             auth_value=p.auth.value.encode() if p.auth else None,
             stream_by_default=p.stream_by_default, poll_prefix=prefix, poll_suffix=suffix,
-            runs_ttl_s=p.async_runs.ttl_s if p.async_runs else 86400.0,
+            runs_ttl_s=p.async_runs.ttl_s if p.async_runs else 86400.0, stream_usage=p.stream_usage,
         )
         routes.extend((path, provider) for path in p.paths)
     routes.sort(key=lambda r: len(r[0]), reverse=True)

@@ -123,3 +123,7 @@ class UpstreamTimeout(ProxyError):
 
 class StoreUnavailable(ProxyError):
     status, type, code = 503, "server_error", "store_unavailable"
+
+
+class ModelNotPriced(ProxyError):
+    status, type, code = 403, "permission_error", "model_not_priced"

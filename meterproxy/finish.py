@@ -149,6 +149,7 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
         duration_ms=round(duration * 1000),
         prompt_tokens=usage.prompt, cached_prompt_tokens=usage.cached_prompt,
         completion_tokens=usage.completion, reasoning_tokens=usage.reasoning, cost_nano=cost_nano,
+        cache_write_tokens=usage.cache_write, provider_cost_nano=usage.provider_cost_nano,
     ))
     m = state.metrics
     model = state.labels.label(call.model, call.cfg.prices)
@@ -156,7 +157,7 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
                    status=status, source=usage.source, prompt=usage.prompt,
                    cached_prompt=usage.cached_prompt, completion=usage.completion,
                    reasoning=usage.reasoning, cost_usd=nano_to_usd(cost_nano),
-                   priced=priced or not call.model)
+                   priced=priced or not call.model, cache_write=usage.cache_write)
     m.child(m.duration, call.provider.name, model, "true" if out.stream else "false").observe(duration)
     if out.ttft is not None:
         m.child(m.ttft, call.provider.name, model).observe(out.ttft)
