@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-import orjson
-
 from meterproxy.auth import authenticate
 from meterproxy.config import Config
 from meterproxy.errors import ProxyError
@@ -20,7 +18,7 @@ from meterproxy.h1client import Response
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
-from meterproxy.metering.estimate import encoding_ready, estimate_completion, estimate_prompt
+from meterproxy.metering.estimate import encoding_ready, estimate_usage
 from meterproxy.metering.scan import StreamScanner
 from meterproxy.metering.usage import Usage
 from meterproxy.pricing import nano_to_usd
@@ -53,16 +51,10 @@ class Outcome:
 
 
 def _estimate(call: Call, out: Outcome) -> Usage:
-    # The parsed body is not kept past admission (a few KB per open stream): parse it again here,
-    # on the rare path with no provider usage.
-    try:
-        body = orjson.loads(call.body_bytes) if call.metered else {}
-    except orjson.JSONDecodeError:
-        body = {}
-    prompt = estimate_prompt(body if isinstance(body, dict) else {}, call.model)
+    # The parsed body is not kept past admission (a few KB per open stream): estimate_usage parses
+    # it again, on the rare path with no provider usage.
     text = out.scanner.completion_text() if out.scanner is not None else text_in_json(out.json)
-    completion = estimate_completion(text, call.model) if text else 0
-    return Usage(prompt=prompt, completion=completion, source="estimated")
+    return estimate_usage(call.body_bytes if call.metered else b"", call.model, text)
 
 
 async def _usage(state: AppState, call: Call, out: Outcome) -> Usage:

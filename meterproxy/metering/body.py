@@ -72,7 +72,10 @@ def gemini_parts_text(cand: dict[str, Any]) -> list[str]:
 
 
 def _json(v: Any) -> str:
-    return orjson.dumps(v).decode()
+    try:
+        return orjson.dumps(v).decode()
+    except orjson.JSONEncodeError:   # nested past orjson's depth limit: count what we can
+        return ""
 
 
 def _dicts(value: Any) -> list[dict[str, Any]]:
