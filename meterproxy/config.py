@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from meterproxy.limits import Limits
 from meterproxy.pricing import Price, PriceTable
+from meterproxy.pricing_file import FileReport, load_pricing_file
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -136,10 +137,33 @@ class ProviderConfig(_Model):
         return v
 
 
+class TierConfig(_Model):
+    """A long-context tier; a field left out keeps the model's base price."""
+
+    input: Decimal | None = Field(None, ge=0)
+    output: Decimal | None = Field(None, ge=0)
+    cached_input: Decimal | None = Field(None, ge=0)
+    cache_write: Decimal | None = Field(None, ge=0)
+
+
 class PriceConfig(_Model):
     input: Decimal = Field(ge=0)
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(None, ge=0)
+    cache_write: Decimal | None = Field(None, ge=0)    # tokens written to a prompt cache; default input
+    above_prompt_tokens: dict[int, TierConfig] = {}   # prompt > threshold: the tier prices it all
+
+    def price(self) -> Price:
+        base = Price.of(self.input, self.output, self.cached_input, self.cache_write)
+        return Price.of(self.input, self.output, self.cached_input, self.cache_write, tiers={
+            t: Price.of(base.input if tc.input is None else tc.input,
+                        base.output if tc.output is None else tc.output,
+                        _or(tc.cached_input, base.cached_input), _or(tc.cache_write, base.cache_write))
+            for t, tc in self.above_prompt_tokens.items()})
+
+
+def _or(v: Decimal | None, default: Decimal | None) -> Decimal | None:
+    return default if v is None else v
 
 
 class LimitsConfig(_Model):
@@ -189,6 +213,7 @@ class RawConfig(_Model):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     pricing: dict[str, PriceConfig] = {}
+    pricing_files: list[str] = []   # LiteLLM model_prices_and_context_window.json format; YAML wins
     plans: dict[str, LimitsConfig] = {}
     users: dict[str, UserConfig] = {}
     keys: list[KeyConfig] = []
@@ -230,6 +255,7 @@ class Config:
     principals: Mapping[str, Principal]        # sha256 hex → Principal
     routes: tuple[tuple[str, Provider], ...]   # (prefix, provider), longest prefix first
     prices: PriceTable
+    pricing_reports: tuple[FileReport, ...] = ()
 
     @property
     def server(self) -> ServerConfig:
@@ -313,7 +339,25 @@ def _cross_check(raw: RawConfig) -> list[str]:
     return errors
 
 
-def _build(raw: RawConfig, source: str) -> Config:
+def _load_pricing_files(raw: RawConfig, source: str,
+                        errors: list[str]) -> tuple[dict[str, Price], tuple[FileReport, ...]]:
+    """Prices of every pricing file (relative paths: beside the config file); later files win."""
+    base = Path(source).parent if source != "<string>" else Path.cwd()
+    prices: dict[str, Price] = {}
+    reports: list[FileReport] = []
+    for i, name in enumerate(raw.pricing_files):
+        try:
+            found, report = load_pricing_file(base / name)
+        except ValueError as exc:
+            errors.append(f"pricing_files.{i}: {exc}")
+            continue
+        prices.update(found)
+        reports.append(report)
+    return prices, tuple(reports)
+
+
+def _build(raw: RawConfig, source: str, file_prices: dict[str, Price] | None = None,
+           reports: tuple[FileReport, ...] = ()) -> Config:
     principals: dict[str, Principal] = {}
     for key in raw.keys:
         user_cfg = raw.users.get(key.user)
@@ -338,12 +382,9 @@ def _build(raw: RawConfig, source: str) -> Config:
         )
         routes.extend((path, provider) for path in p.paths)
     routes.sort(key=lambda r: len(r[0]), reverse=True)
-    prices = PriceTable({
-        model: Price(input=pc.input, output=pc.output,
-                     cached_input=pc.cached_input if pc.cached_input is not None else pc.input)
-        for model, pc in raw.pricing.items()
-    })
-    return Config(raw=raw, source=source, principals=principals, routes=tuple(routes), prices=prices)
+    prices = PriceTable({model: pc.price() for model, pc in raw.pricing.items()}, file_prices)
+    return Config(raw=raw, source=source, principals=principals, routes=tuple(routes), prices=prices,
+                  pricing_reports=reports)
 
 
 def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
@@ -362,9 +403,10 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
         errors.extend(f"{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
         raise ConfigError(errors) from exc
     errors.extend(_cross_check(raw))
+    file_prices, reports = _load_pricing_files(raw, source, errors)
     if errors:
         raise ConfigError(errors)
-    return _build(raw, source)
+    return _build(raw, source, file_prices, reports)
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -385,7 +427,12 @@ def summary(cfg: Config) -> str:
              f"(on_error: {r.store.on_error})",
              f"  providers: {len(r.providers)}"]
     lines += [f"    {n}: {p.base_url} paths={','.join(p.paths)}" for n, p in r.providers.items()]
-    lines += [f"  priced models: {len(r.pricing)}", f"  plans: {', '.join(r.plans) or '-'}",
+    lines += [f"  priced models: {len(r.pricing)}"]
+    for rep in cfg.pricing_reports:
+        lines.append(f"  pricing file {rep.path}: {rep.priced} models priced")
+        if rep.unknown:
+            lines.append(f"    unknown fields (not used for cost): {', '.join(rep.unknown)}")
+    lines += [f"  plans: {', '.join(r.plans) or '-'}",
               f"  users: {len(r.users)}", f"  keys: {len(r.keys)}",
               f"  admin key: {'set' if r.admin.key_sha256 else 'not set (/admin/* disabled)'}"]
     return "\n".join(lines)
