@@ -3,10 +3,12 @@
 This is a tool for demos, tests and the benchmark (where it is the "direct path" baseline), never a
 part of metering: it plays the provider, so its `usage` is the truth the proxy must reproduce.
 
-Routes (auth: `Authorization: Bearer <non-empty>`, except /v4 which wants `x-api-key`):
+Routes (auth: `Authorization: Bearer <non-empty>`, except /v4 and /v1/messages which want
+`x-api-key`, and Gemini which wants `x-goog-api-key`):
   POST /v1/chat/completions, /v4/beta/chat/completions, /v3/ai/chat_completion (streams by
   default; `"async": true` → GET /v3/ai/chat_completion_runs/{uid}), /v1/completions,
-  /v1/embeddings, /v1/responses; GET /v1/models.
+  /v1/embeddings, /v1/responses, /v1/messages (Anthropic), /v1beta/models/{m}:generateContent
+  and :streamGenerateContent (Gemini; `?alt=sse` streams SSE, else a JSON array); GET /v1/models.
 Fault knobs are request headers (`x-sim-status`, `x-sim-chunk-delay-ms`, `x-sim-break-after`, ...,
 see `Knobs`) so tests can drive them through the proxy. Introspection lives under /_sim/:
 `GET last_request`, `GET stats`, `POST reset`.
@@ -30,7 +32,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from meterproxy.simulator import chat, completions, embeddings, responses
+from meterproxy.simulator import anthropic, chat, completions, embeddings, gemini, responses
 from meterproxy.simulator.plan import MODELS, Reply, _knobs
 from meterproxy.simulator.tokens import _encoding
 from meterproxy.simulator.wire import (
@@ -74,6 +76,7 @@ class Simulator:
             ("POST", "/v1/embeddings"): (functools.partial(embeddings.embeddings, self), "v1", "bearer"),
             ("POST", "/v1/responses"): (functools.partial(responses.responses, self), "v1", "bearer"),
             ("GET", "/v1/models"): (self.models, "v1", "bearer"),
+            ("POST", "/v1/messages"): (functools.partial(anthropic.messages, self), "v1", "anthropic"),
         }
 
     def _id(self, prefix: str) -> str:
@@ -93,27 +96,34 @@ class Simulator:
         self.stats.requests += 1
         headers = scope["headers"]
         self.last = (method, path, scope.get("query_string", b""), headers, body)
-        auth = api_key = b""
+        auth = api_key = goog_key = b""
         raw: dict[bytes, bytes] = {}
         for k, v in headers:
             if k == b"authorization":
                 auth = v
             elif k == b"x-api-key":
                 api_key = v
+            elif k == b"x-goog-api-key":
+                goog_key = v
             elif k.startswith(b"x-sim-"):
                 raw[k] = v
         route = self.routes.get((method, path))
         if route is None and method == "GET" and path.startswith("/v3/ai/chat_completion_runs/"):
             route = (functools.partial(chat.poll, self), "v3", "bearer")
+        if route is None and method == "POST" and gemini.PATH.match(path):
+            route = (functools.partial(gemini.generate, self), "v1", "x-goog-api-key")
         if route is None:
             await _error(send, 404, f"Unknown route {method} {path}", "invalid_request_error",
                          "unknown_url")
             return
         handler, flavor, scheme = route
-        ok = api_key.strip() if scheme == "x-api-key" else \
-            auth[:7].lower() == b"bearer " and auth[7:].strip()
+        bearer = auth[:7].lower() == b"bearer " and auth[7:].strip()
+        # Anthropic takes x-api-key, or a bearer token (its SDK 2.x sends api_key that way).
+        ok = api_key.strip() if scheme == "x-api-key" else goog_key.strip() if scheme == "x-goog-api-key" \
+            else (api_key.strip() or bearer) if scheme == "anthropic" else bearer
         if not ok:
-            what = "x-api-key header" if scheme == "x-api-key" else "Authorization: Bearer"
+            what = "Authorization: Bearer" if scheme == "bearer" else "x-api-key header" \
+                if scheme == "anthropic" else f"{scheme} header"
             await _error(send, 401, f"Missing credentials: send {what}.",
                          "invalid_request_error", "invalid_api_key")
             return
@@ -134,7 +144,8 @@ class Simulator:
                              "invalid_request_error", "invalid_json")
                 return
             parsed = obj
-        await handler(Call(parsed, knobs, send, receive, time.perf_counter(), path, flavor))
+        await handler(Call(parsed, knobs, send, receive, time.perf_counter(), path, flavor,
+                           scope.get("query_string", b"")))
 
     # -- chat ----------------------------------------------------------------------------------
 
@@ -146,7 +157,7 @@ class Simulator:
 
     # -- transport -----------------------------------------------------------------------------
 
-    async def _json(self, c: Call, obj: JSON) -> None:
+    async def _json(self, c: Call, obj: JSON | list[JSON]) -> None:
         k = c.knobs
         body = b"" if k.empty else b"not json at all" if k.bad_json else orjson.dumps(obj)
         ms = str(int((time.perf_counter() - c.started) * 1000)).encode()

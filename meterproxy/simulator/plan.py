@@ -41,6 +41,7 @@ class Knobs:
     empty: bool = False           # x-sim-empty: 200 with no body
     chunks: int = 0               # x-sim-chunks: exactly N content chunks
     cached: int = 0               # x-sim-cached-tokens: report this many cached prompt tokens
+    cache_write: int = 0          # x-sim-cache-write-tokens: this many prompt tokens written to the cache
 
 
 def _num(v: bytes) -> float:
@@ -62,6 +63,7 @@ def _knobs(raw: dict[bytes, bytes], default_delay: float) -> Knobs:
     k.break_after = int(_num(raw[b"x-sim-break-after"])) if b"x-sim-break-after" in raw else -1
     k.chunks = min(int(_num(raw.get(b"x-sim-chunks", b"0"))), 100_000)
     k.cached = int(_num(raw.get(b"x-sim-cached-tokens", b"0")))
+    k.cache_write = int(_num(raw.get(b"x-sim-cache-write-tokens", b"0")))
     flag = {name for name, v in raw.items() if v.strip() not in (b"", b"0", b"false")}
     k.omit_usage = b"x-sim-omit-usage" in flag
     k.garbage = b"x-sim-garbage" in flag
@@ -92,6 +94,7 @@ class Reply:
     cached: int
     completion: int = 0
     reasoning: int = 0
+    cache_write: int = 0
 
     def usage(self, extra: JSON | None = None) -> JSON:
         u: JSON = {"prompt_tokens": self.prompt, "completion_tokens": self.completion,

@@ -54,6 +54,7 @@ class Stats:
     requests: int = 0
     prompt: int = 0
     cached: int = 0
+    cache_write: int = 0
     completion: int = 0
     reasoning: int = 0
     active: int = 0
@@ -62,12 +63,14 @@ class Stats:
     def add(self, reply: Reply) -> None:
         self.prompt += reply.prompt
         self.cached += reply.cached
+        self.cache_write += reply.cache_write
         self.completion += reply.completion
         self.reasoning += reply.reasoning
 
     def as_json(self) -> JSON:
         return {"requests": self.requests,
                 "usage": {"prompt_tokens": self.prompt, "cached_prompt_tokens": self.cached,
+                          "cache_write_tokens": self.cache_write,
                           "completion_tokens": self.completion,
                           "reasoning_tokens": self.reasoning},
                 "active_streams": self.active, "cancelled_streams": self.cancelled}
@@ -93,6 +96,7 @@ class Call:
     started: float
     path: str
     flavor: str = "v1"          # v1 | v4 | v3: selects vendor fields and stream default
+    query: bytes = b""
 
 
 Handler = Callable[[Call], Awaitable[None]]
