@@ -1,4 +1,5 @@
-"""Client authentication: the key from `Authorization: Bearer` or `x-api-key`, looked up by sha256.
+"""Client authentication: the key from `Authorization: Bearer`, `x-api-key` or `x-goog-api-key`,
+looked up by sha256.
 
 Keys never exist in memory beyond this call: the config holds only their hashes, and the lookup is
 one dict access on the hex digest (a timing side channel on a dict of hashes reveals nothing useful
@@ -25,7 +26,7 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
             if scheme.lower() != b"bearer":
                 raise AuthError("Unsupported Authorization scheme; use 'Bearer <key>'.")
             candidate = token.strip()
-        elif name == b"x-api-key":
+        elif name in (b"x-api-key", b"x-goog-api-key"):   # Anthropic's and Gemini's SDKs
             candidate = value.strip()
         else:
             continue

@@ -14,7 +14,8 @@ _HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
-_CLIENT_OWNED = _HOP | {b"host", b"content-length", b"authorization", b"x-api-key", b"x-request-id"}
+_CLIENT_OWNED = _HOP | {b"host", b"content-length", b"authorization", b"x-api-key", b"x-goog-api-key",
+                        b"x-request-id"}
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 

@@ -112,7 +112,8 @@ def metric_sum(samples: list[Any], name: str, **labels: str) -> float:
 def tokens_by_type(samples: list[Any], **labels: str) -> dict[str, int]:
     out = {f: 0 for f in TYPES}
     for s in samples:
-        if s.name == "meterproxy_tokens_total" and all(s.labels.get(k) == v for k, v in labels.items()):
+        if s.name == "meterproxy_tokens_total" and all(s.labels.get(k) == v for k, v in labels.items()) \
+                and s.labels["type"] in METRIC_TYPES:   # cache_write: the OpenAI simulator writes none
             out[METRIC_TYPES[s.labels["type"]]] += int(s.value)
     return out
 
