@@ -45,6 +45,13 @@ for chunk in client.chat.completions.create(model="gpt-5.4", stream=True,
 print()
 PY
 
+  curl -s http://127.0.0.1:8080/v1/messages -H 'x-api-key: {DEMO_KEY}' -H 'anthropic-version: 2023-06-01' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"model":"claude-sonnet-4-6","max_tokens":64,"messages":[{{"role":"user","content":"Hello"}}]}}'
+  curl -s 'http://127.0.0.1:8080/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse' \\
+       -H 'x-goog-api-key: {DEMO_KEY}' -H 'Content-Type: application/json' \\
+       -d '{{"contents":[{{"parts":[{{"text":"Hello"}}]}}]}}'
+
   curl -s http://127.0.0.1:8080/usage -H 'Authorization: Bearer {DEMO_KEY}'
   curl -s 'http://127.0.0.1:8080/admin/usage?group_by=user,model' -H 'Authorization: Bearer mp-demo-admin'
   curl -s http://127.0.0.1:8080/metrics | grep meterproxy_tokens_total
