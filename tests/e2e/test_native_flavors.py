@@ -201,3 +201,24 @@ def test_unpriced_refuse_sends_nothing_upstream(tmp_path: Path) -> None:
             # A priced model passes.
             ok = oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
             assert ok.usage is not None
+
+
+def test_stream_usage_always_never_injects_nor_strips(tmp_path: Path) -> None:
+    with simulator() as sim:
+        cfg = native_config(sim.port)
+        cfg["providers"]["sim"]["stream_usage"] = "always"
+        with proxy(write_config(tmp_path / "config.yaml", cfg)) as px:
+            body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            auth = {"Authorization": f"Bearer {KEYS['alice-1'][1]}"}
+            with httpx.stream("POST", f"{px.base}/v1/chat/completions", json=body,
+                              headers={**auth, "x-request-id": "always-1"}) as r:
+                text = r.read()
+            assert "stream_options" not in httpx.get(f"{sim.base}/_sim/last_request").json()["body"]
+            assert b'"usage"' not in text
+            assert record(px, "always-1")["source"] == "estimated"   # this provider sent none
+            asked = {**body, "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", f"{px.base}/v1/chat/completions", json=asked,
+                              headers={**auth, "x-request-id": "always-2"}) as r:
+                text = r.read()
+            assert b'"choices":[],"usage":{' in text      # the client's own usage chunk is kept
+            assert record(px, "always-2")["source"] == "provider"
