@@ -157,3 +157,9 @@ def test_gemini_stream_cumulative_last_wins_and_json_array() -> None:
 @pytest.mark.parametrize("family", ["chat", "responses", "anthropic", "gemini"])
 def test_no_usage_is_none(family: str) -> None:
     assert fold(family, {"choices": [], "usage": None}, {"candidates": []}) is None
+
+
+def test_anthropic_stream_cut_after_message_start_claims_no_provider_usage() -> None:
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}}
+    assert fold("anthropic", start) is None     # output_tokens 1 is a placeholder, not the answer
+    assert fold("anthropic", start, {"type": "message_delta", "usage": {"output_tokens": 30}}) == Usage(10, 0, 30, 0)

@@ -4,6 +4,8 @@ in an event or a JSON body, and how its fields map to the token types.
 A reader is fed every decoded event that carries usage (or the whole JSON body) and folds them:
 the last usage object wins (providers that repeat cumulative usage on every chunk are never
 summed), except Anthropic's, whose `message_start` and `message_delta` each carry part of it.
+Anthropic's `message_start` counts one placeholder output token: a stream cut before its
+`message_delta` has no provider usage to claim, and is estimated instead.
 """
 
 from __future__ import annotations
@@ -29,17 +31,20 @@ _OPENAI = (openai.found, openai.normalise, False)   # chat, completions, embeddi
 class UsageReader:
     """Fold the usage objects of one answer into one Usage."""
 
-    __slots__ = ("_find", "_merge", "_norm", "_raw")
+    __slots__ = ("_final", "_find", "_merge", "_norm", "_raw")
 
     def __init__(self, family: str = "chat") -> None:
         self._find, self._norm, self._merge = _FAMILIES.get(family, _OPENAI)
         self._raw: dict[str, Any] | None = None
+        self._final = not self._merge   # merging readers wait for the closing usage object
 
     def take(self, obj: Any) -> None:
         """Fold the usage objects of one decoded event or body (anything else is ignored)."""
         if not isinstance(obj, dict):
             return
         for u in self._find(obj):
+            if obj.get("type") != "message_start":
+                self._final = True
             if self._merge and self._raw is not None:
                 # Fields a later event leaves out or sends as null keep their earlier value.
                 self._raw.update((k, v) for k, v in u.items() if v is not None)
@@ -48,5 +53,5 @@ class UsageReader:
 
     def usage(self) -> Usage | None:
         """The provider usage found so far, normalised; None when none arrived."""
-        return None if self._raw is None else self._norm(self._raw)
+        return None if self._raw is None or not self._final else self._norm(self._raw)
 
