@@ -397,7 +397,7 @@ def test_delays(client: httpx.Client) -> None:
 # --- introspection ------------------------------------------------------------------------------
 
 def test_stats_sum_every_usage(client: httpx.Client) -> None:
-    totals = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
+    totals = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "cache_write_tokens": 0, "completion_tokens": 0,
               "reasoning_tokens": 0}
     for model, cached in (("gpt-4o", "3"), ("o3-mini", "0"), ("gpt-5.4", "2")):
         u = client.post("/v1/chat/completions", headers={**AUTH, "x-sim-cached-tokens": cached},
