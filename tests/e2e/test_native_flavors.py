@@ -10,6 +10,7 @@ match it exactly.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -222,3 +223,36 @@ def test_stream_usage_always_never_injects_nor_strips(tmp_path: Path) -> None:
                 text = r.read()
             assert b'"choices":[],"usage":{' in text      # the client's own usage chunk is kept
             assert record(px, "always-2")["source"] == "provider"
+
+
+def test_native_answers_without_usage_are_estimated(stack: tuple[Proc, Proc]) -> None:
+    """No usage from the provider: prompt from system/messages/contents, completion from every
+    thinking and text piece, counted once, marked estimated (never zero marked provider)."""
+    from meterproxy.metering.estimate import count_text, estimate_prompt
+
+    _, px = stack
+    body: dict[str, Any] = {"model": "claude-sonnet-4-6", "max_tokens": 1000, "system": "Be brief.",
+                            "messages": MESSAGES, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    # The SDK's stream helper needs usage to accumulate, so this stream is read raw.
+    pieces: list[str] = []
+    with httpx.stream("POST", f"{px.base}/v1/messages", json={**body, "stream": True}, timeout=30,
+                      headers={"x-api-key": KEYS["alice-1"][1], "anthropic-version": "2023-06-01",
+                               "x-sim-omit-usage": "1", "x-request-id": "an-omit"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                ev = json.loads(line[6:])
+                assert "usage" not in ev and "usage" not in ev.get("message", {})
+                delta = ev.get("delta", {})
+                pieces += [delta[k] for k in ("thinking", "text") if k in delta]
+    rec = record(px, "an-omit")
+    text = "".join(pieces)
+    assert rec["source"] == "estimated"
+    assert rec["prompt_tokens"] == estimate_prompt(body, body["model"]) > 0
+    assert rec["completion_tokens"] == count_text(text, body["model"]) > 16
+
+    gclient = gemini(px, **{"x-sim-omit-usage": "1", "x-request-id": "gm-omit"})
+    chunks = list(gclient.models.generate_content_stream(model="gemini-2.0-flash", contents="Tell me about rivers."))
+    rec = record(px, "gm-omit")
+    assert rec["source"] == "estimated"
+    assert rec["prompt_tokens"] > 0
+    assert rec["completion_tokens"] == count_text("".join(c.text or "" for c in chunks), "gemini-2.0-flash") > 0
