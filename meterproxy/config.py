@@ -345,9 +345,10 @@ def _load_pricing_files(raw: RawConfig, source: str,
     base = Path(source).parent if source != "<string>" else Path.cwd()
     prices: dict[str, Price] = {}
     reports: list[FileReport] = []
+    yaml_prices = PriceTable({model: pc.price() for model, pc in raw.pricing.items()})
     for i, name in enumerate(raw.pricing_files):
         try:
-            found, report = load_pricing_file(base / name)
+            found, report = load_pricing_file(base / name, lambda m: yaml_prices.lookup(m) is not None)
         except ValueError as exc:
             errors.append(f"pricing_files.{i}: {exc}")
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from pathlib import Path
@@ -40,7 +41,7 @@ class FileReport:
     """What check-config says about one pricing file."""
 
     path: str
-    priced: int                     # models this file prices
+    priced: int                     # models this file prices (the YAML does not)
     unknown: tuple[str, ...]        # fields of used entries that meterproxy does not read
 
 
@@ -80,8 +81,10 @@ def _unknown(entry: dict[str, Any]) -> set[str]:
             and not k.startswith(("supports_", "supported_"))}
 
 
-def load_pricing_file(path: Path) -> tuple[dict[str, Price], FileReport]:
-    """Read one file; raise ValueError (with a message for check-config) when it is unusable."""
+def load_pricing_file(path: Path, shadowed: Callable[[str], bool] = lambda _: False,
+                      ) -> tuple[dict[str, Price], FileReport]:
+    """Read one file; raise ValueError (with a message for check-config) when it is unusable.
+    Models `shadowed` says the YAML prices already are skipped: YAML entries win."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -95,8 +98,8 @@ def load_pricing_file(path: Path) -> tuple[dict[str, Price], FileReport]:
     prices: dict[str, Price] = {}
     unknown: set[str] = set()
     for model, entry in data.items():
-        if not isinstance(entry, dict) or model == "sample_spec":  # LiteLLM's documentation entry
-            continue
+        if not isinstance(entry, dict) or model == "sample_spec" or shadowed(model):
+            continue   # sample_spec: LiteLLM's documentation entry
         price = _price(entry)
         if price is not None:
             prices[model] = price

@@ -83,6 +83,8 @@ pricing:
 pricing_files: [models.json]
 """)
     cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.pricing_reports[0].priced == 3    # gpt-4o and claude-sonnet-4-5 are the YAML's
+    assert "input_cost_per_token_batches" not in cfg.pricing_reports[0].unknown   # gpt-4o's: unused
     assert cfg.prices.lookup("gpt-4o") == Price.of(1, 1)
     assert cfg.prices.lookup("claude-sonnet-4-5") == Price.of(9, 9)
     assert cfg.prices.cost_nano("gemini-2.5-pro", Usage(1, 0, 1)) == (1250 + 10_000, True)
