@@ -3,7 +3,8 @@
 Run: .venv/bin/python bench/scan_micro.py
 Compares a bare loop (the floor: a call that returns its argument) with the scanner in
 pass-through mode (client asked for usage: every chunk carries "usage":null) and in
-strip mode (proxy-added include_usage removed), plus the cost of completion_text().
+strip mode (proxy-added include_usage removed), plus the cost of completion_text() and of
+events split across small reads (the incremental decoder's path).
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def main() -> None:
     print(f"  scanner, pass-through          {per_chunk_us(scanner(False)):6.2f}")
     print(f"  scanner, strip include_usage   {per_chunk_us(scanner(True)):6.2f}")
     print(f"  pass-through + completion_text {per_chunk_us(with_text):6.2f}  (only when no usage)")
+    # TCP may cut events anywhere: reads of 64 bytes (~4 per event) go through the SSE decoder.
+    small = [c for whole in chunks for c in (whole[i:i + 64] for i in range(0, len(whole), 64))]
+
+    def split_reads() -> None:
+        sc = StreamScanner(strip_usage=False)
+        for c in small:
+            sc.feed(c)
+        sc.finish()
+        assert sc.usage is not None
+
+    us = per_chunk_us(split_reads) * len(chunks) / len(small)
+    print(f"  pass-through, 64-byte reads    {us:6.2f}  (per read; {len(small)} reads)")
 
 
 def _identity(c: bytes) -> bytes:

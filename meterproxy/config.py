@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from meterproxy.limits import Limits
 from meterproxy.pricing import Price, PriceTable
+from meterproxy.pricing_file import FileReport, load_pricing_file
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -64,6 +65,8 @@ class ServerConfig(_Model):
     body_read_timeout_s: float = Field(30.0, gt=0)    # longest pause inside a request body; 408
     keep_alive_timeout_s: float = Field(75.0, gt=0)   # an idle kept-alive connection is closed
     max_connections: int = Field(2048, ge=1)          # open client connections; beyond → 503
+    # A model without a price: metered at cost 0 and counted (allow), or refused with 403 (refuse).
+    unpriced: Literal["allow", "refuse"] = "allow"
 
 
 class StoreConfig(_Model):
@@ -124,6 +127,9 @@ class ProviderConfig(_Model):
     auth: AuthHeader | None = None
     stream_by_default: bool = False
     async_runs: AsyncRuns | None = None
+    # inject: add include_usage to streams that lack it and strip the usage chunk it causes;
+    # always: the provider streams usage unasked, so neither is done.
+    stream_usage: Literal["inject", "always"] = "inject"
 
     @field_validator("base_url")
     @classmethod
@@ -141,10 +147,33 @@ class ProviderConfig(_Model):
         return v
 
 
+class TierConfig(_Model):
+    """A long-context tier; a field left out keeps the model's base price."""
+
+    input: Decimal | None = Field(None, ge=0)
+    output: Decimal | None = Field(None, ge=0)
+    cached_input: Decimal | None = Field(None, ge=0)
+    cache_write: Decimal | None = Field(None, ge=0)
+
+
 class PriceConfig(_Model):
     input: Decimal = Field(ge=0)
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(None, ge=0)
+    cache_write: Decimal | None = Field(None, ge=0)    # tokens written to a prompt cache; default input
+    above_prompt_tokens: dict[int, TierConfig] = {}   # prompt > threshold: the tier prices it all
+
+    def price(self) -> Price:
+        base = Price.of(self.input, self.output, self.cached_input, self.cache_write)
+        return Price.of(self.input, self.output, self.cached_input, self.cache_write, tiers={
+            t: Price.of(base.input if tc.input is None else tc.input,
+                        base.output if tc.output is None else tc.output,
+                        _or(tc.cached_input, base.cached_input), _or(tc.cache_write, base.cache_write))
+            for t, tc in self.above_prompt_tokens.items()})
+
+
+def _or(v: Decimal | None, default: Decimal | None) -> Decimal | None:
+    return default if v is None else v
 
 
 class LimitsConfig(_Model):
@@ -194,6 +223,7 @@ class RawConfig(_Model):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     pricing: dict[str, PriceConfig] = {}
+    pricing_files: list[str] = []   # LiteLLM model_prices_and_context_window.json format; YAML wins
     plans: dict[str, LimitsConfig] = {}
     users: dict[str, UserConfig] = {}
     keys: list[KeyConfig] = []
@@ -225,6 +255,7 @@ class Provider:
     poll_prefix: str | None      # async runs: poll path up to {uid}
     poll_suffix: str
     runs_ttl_s: float
+    stream_usage: str = "inject"
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +265,7 @@ class Config:
     principals: Mapping[str, Principal]        # sha256 hex → Principal
     routes: tuple[tuple[str, Provider], ...]   # (prefix, provider), longest prefix first
     prices: PriceTable
+    pricing_reports: tuple[FileReport, ...] = ()
 
     @property
     def server(self) -> ServerConfig:
@@ -328,7 +360,26 @@ def _cross_check(raw: RawConfig) -> list[str]:
     return errors
 
 
-def _build(raw: RawConfig, source: str) -> Config:
+def _load_pricing_files(raw: RawConfig, source: str,
+                        errors: list[str]) -> tuple[dict[str, Price], tuple[FileReport, ...]]:
+    """Prices of every pricing file (relative paths: beside the config file); later files win."""
+    base = Path(source).parent if source != "<string>" else Path.cwd()
+    prices: dict[str, Price] = {}
+    reports: list[FileReport] = []
+    yaml_prices = PriceTable({model: pc.price() for model, pc in raw.pricing.items()})
+    for i, name in enumerate(raw.pricing_files):
+        try:
+            found, report = load_pricing_file(base / name, lambda m: yaml_prices.lookup(m) is not None)
+        except ValueError as exc:
+            errors.append(f"pricing_files.{i}: {exc}")
+            continue
+        prices.update(found)
+        reports.append(report)
+    return prices, tuple(reports)
+
+
+def _build(raw: RawConfig, source: str, file_prices: dict[str, Price] | None = None,
+           reports: tuple[FileReport, ...] = ()) -> Config:
     principals: dict[str, Principal] = {}
     for key in raw.keys:
         user_cfg = raw.users.get(key.user)
@@ -349,16 +400,13 @@ def _build(raw: RawConfig, source: str) -> Config:
             auth_header=p.auth.header.lower().encode() if p.auth else None,
             auth_value=p.auth.value.encode() if p.auth else None,
             stream_by_default=p.stream_by_default, poll_prefix=prefix, poll_suffix=suffix,
-            runs_ttl_s=p.async_runs.ttl_s if p.async_runs else 86400.0,
+            runs_ttl_s=p.async_runs.ttl_s if p.async_runs else 86400.0, stream_usage=p.stream_usage,
         )
         routes.extend((path, provider) for path in p.paths)
     routes.sort(key=lambda r: len(r[0]), reverse=True)
-    prices = PriceTable({
-        model: Price(input=pc.input, output=pc.output,
-                     cached_input=pc.cached_input if pc.cached_input is not None else pc.input)
-        for model, pc in raw.pricing.items()
-    })
-    return Config(raw=raw, source=source, principals=principals, routes=tuple(routes), prices=prices)
+    prices = PriceTable({model: pc.price() for model, pc in raw.pricing.items()}, file_prices)
+    return Config(raw=raw, source=source, principals=principals, routes=tuple(routes), prices=prices,
+                  pricing_reports=reports)
 
 
 def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
@@ -384,9 +432,10 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
     if raw is None:
         raise ConfigError(errors)
     errors.extend(_cross_check(raw))
+    file_prices, reports = _load_pricing_files(raw, source, errors)
     if errors:
         raise ConfigError(errors)
-    return _build(raw, source)
+    return _build(raw, source, file_prices, reports)
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -407,7 +456,12 @@ def summary(cfg: Config) -> str:
              f"(on_error: {r.store.on_error})",
              f"  providers: {len(r.providers)}"]
     lines += [f"    {n}: {p.base_url} paths={','.join(p.paths)}" for n, p in r.providers.items()]
-    lines += [f"  priced models: {len(r.pricing)}", f"  plans: {', '.join(r.plans) or '-'}",
+    lines += [f"  priced models: {len(r.pricing)}"]
+    for rep in cfg.pricing_reports:
+        lines.append(f"  pricing file {rep.path}: {rep.priced} models priced")
+        if rep.unknown:
+            lines.append(f"    unknown fields (not used for cost): {', '.join(rep.unknown)}")
+    lines += [f"  plans: {', '.join(r.plans) or '-'}",
               f"  users: {len(r.users)}", f"  keys: {len(r.keys)}",
               f"  admin key: {'set' if r.admin.key_sha256 else 'not set (/admin/* disabled)'}"]
     return "\n".join(lines)

@@ -144,3 +144,5 @@ class ServerOverloaded(ProxyError):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", b"1")]
+class ModelNotPriced(ProxyError):
+    status, type, code = 403, "permission_error", "model_not_priced"

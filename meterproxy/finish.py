@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-import orjson
-
 from meterproxy import logs
 from meterproxy.auth import authenticate
 from meterproxy.config import Config, Principal
@@ -22,7 +20,7 @@ from meterproxy.headers import client_request_id
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
-from meterproxy.metering.estimate import encoding_ready, estimate_completion, estimate_prompt
+from meterproxy.metering.estimate import encoding_ready, estimate_usage
 from meterproxy.metering.scan import StreamScanner
 from meterproxy.metering.usage import Usage
 from meterproxy.pricing import nano_to_usd
@@ -55,16 +53,10 @@ class Outcome:
 
 
 def _estimate(call: Call, out: Outcome) -> Usage:
-    # The parsed body is not kept past admission (a few KB per open stream): parse it again here,
-    # on the rare path with no provider usage.
-    try:
-        body = orjson.loads(call.body_bytes) if call.metered else {}
-    except orjson.JSONDecodeError:
-        body = {}
-    prompt = estimate_prompt(body if isinstance(body, dict) else {}, call.model)
+    # The parsed body is not kept past admission (a few KB per open stream): estimate_usage parses
+    # it again, on the rare path with no provider usage.
     text = out.scanner.completion_text() if out.scanner is not None else text_in_json(out.json)
-    completion = estimate_completion(text, call.model) if text else 0
-    return Usage(prompt=prompt, completion=completion, source="estimated")
+    return estimate_usage(call.body_bytes if call.metered else b"", call.model, text)
 
 
 async def _usage(state: AppState, call: Call, out: Outcome) -> Usage:
@@ -151,6 +143,7 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
         duration_ms=round(duration * 1000),
         prompt_tokens=usage.prompt, cached_prompt_tokens=usage.cached_prompt,
         completion_tokens=usage.completion, reasoning_tokens=usage.reasoning, cost_nano=cost_nano,
+        cache_write_tokens=usage.cache_write, provider_cost_nano=usage.provider_cost_nano,
     ))
     m = state.metrics
     model = state.labels.label(call.model, call.cfg.prices)
@@ -159,7 +152,8 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
                    cached_prompt=usage.cached_prompt, completion=usage.completion,
                    reasoning=usage.reasoning, cost_usd=nano_to_usd(cost_nano),
                    # pass-through (not a metered path nor a run's poll) needs no price
-                   priced=priced or not call.model or not (call.metered or call.poll_uid is not None))
+                   priced=priced or not call.model or not (call.metered or call.poll_uid is not None),
+                   cache_write=usage.cache_write)
     m.child(m.duration, call.provider.name, model, "true" if out.stream else "false").observe(duration)
     if out.ttft is not None:
         m.child(m.ttft, call.provider.name, model).observe(out.ttft)

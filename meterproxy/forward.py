@@ -167,13 +167,13 @@ class ProxyRoute:
                     out.json = orjson.loads(body)
                 except orjson.JSONDecodeError:
                     out.json = None
-                out.usage = usage_in_json(out.json)
+                out.usage = usage_in_json(out.json, call.family)
             call.overhead += perf_counter() - t_body
 
     async def _stream(self, call: Call, resp: Response, send: Any, out: Outcome,
                       hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
         """An SSE answer: every chunk to the client as it arrives, scanned for usage on the way."""
-        scanner = StreamScanner(strip_usage=call.inject_usage)
+        scanner = StreamScanner(call.family, strip_usage=call.inject_usage)
         out.scanner = scanner
         await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
         now = perf_counter()

@@ -60,7 +60,8 @@ OVERHEAD_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 )
 #: Values of the `type` label of `meterproxy_tokens_total`, in SPEC order.
-TOKEN_TYPES: tuple[str, ...] = ("prompt", "cached_prompt", "completion", "reasoning")
+# cached_prompt and cache_write are parts of prompt, reasoning a part of completion: never add them up.
+TOKEN_TYPES: tuple[str, ...] = ("prompt", "cached_prompt", "completion", "reasoning", "cache_write")
 
 _USAGE_LABELS = ("key", "user", "provider", "model")
 _M = TypeVar("_M", bound=MetricWrapperBase)
@@ -148,7 +149,7 @@ class Metrics:
         # the same child twice (labels() returns the one child per label set).
         self._usage_children: dict[
             tuple[str, str, str, str, str, str],
-            tuple[Counter, tuple[Counter, Counter, Counter, Counter], Counter],
+            tuple[Counter, tuple[Counter, Counter, Counter, Counter, Counter], Counter],
         ] = {}
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
 
@@ -164,11 +165,11 @@ class Metrics:
     def record_usage(
         self, *, key: str, user: str, provider: str, model: str, status: int, source: str,
         prompt: int, cached_prompt: int, completion: int, reasoning: int, cost_usd: float,
-        priced: bool,
+        priced: bool, cache_write: int = 0,
     ) -> None:
-        """Count one finished response: requests +1, the four token types, cost, unpriced.
+        """Count one finished response: requests +1, the five token types, cost, unpriced.
 
-        All four `type` series are touched even when 0, so dashboards see every type from the
+        All five `type` series are touched even when 0, so dashboards see every type from the
         first request on. `cost_usd` must be >= 0; `priced=False` also counts the request in
         `meterproxy_unpriced_requests_total{model}`.
         """
@@ -177,26 +178,27 @@ class Metrics:
         children = self._usage_children.get(ck)
         if children is None:
             children = self._usage_children[ck] = self._make_children(ck)
-        req, (t_prompt, t_cached, t_completion, t_reasoning), cost = children
+        req, (t_prompt, t_cached, t_completion, t_reasoning, t_write), cost = children
         req.inc()
         t_prompt.inc(prompt)
         t_cached.inc(cached_prompt)
         t_completion.inc(completion)
         t_reasoning.inc(reasoning)
+        t_write.inc(cache_write)
         cost.inc(cost_usd)
         if not priced:
             self.child(self.unpriced, model).inc()
 
     def _make_children(
         self, ck: tuple[str, str, str, str, str, str],
-    ) -> tuple[Counter, tuple[Counter, Counter, Counter, Counter], Counter]:
+    ) -> tuple[Counter, tuple[Counter, Counter, Counter, Counter, Counter], Counter]:
         """Labelled children for one (key, user, provider, model, status, source)."""
         key, user, provider, model, status_s, source = ck
         base = {"key": key, "user": user, "provider": provider, "model": model}
         t = [self.tokens.labels(**base, type=typ, source=source) for typ in TOKEN_TYPES]
         return (
             self.requests.labels(**base, status=status_s),
-            (t[0], t[1], t[2], t[3]),
+            (t[0], t[1], t[2], t[3], t[4]),
             self.cost.labels(**base),
         )
 

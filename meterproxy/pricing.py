@@ -27,18 +27,36 @@ def _dec(v: Decimal | float | int | str) -> Decimal:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per million tokens. Reasoning tokens are output tokens (billed as output)."""
+    """USD per million tokens. Reasoning tokens are output tokens (billed as output).
+
+    `tiers`: (threshold, price) pairs, ascending; when a request's prompt exceeds a threshold,
+    the price of the highest such tier applies to the whole request (long-context pricing).
+    """
 
     input: Decimal
     cached_input: Decimal
     output: Decimal
+    cache_write: Decimal | None = None   # None: billed as input
+    tiers: tuple[tuple[int, Price], ...] = ()
 
     @classmethod
     def of(cls, input: Decimal | float | int | str, output: Decimal | float | int | str,
-           cached_input: Decimal | float | int | str | None = None) -> Price:
-        """Build from config numbers; cached_input defaults to the input price."""
+           cached_input: Decimal | float | int | str | None = None,
+           cache_write: Decimal | float | int | str | None = None,
+           tiers: dict[int, Price] | None = None) -> Price:
+        """Build from config numbers; cached_input and cache_write default to the input price."""
         inp = _dec(input)
-        return cls(inp, inp if cached_input is None else _dec(cached_input), _dec(output))
+        return cls(inp, inp if cached_input is None else _dec(cached_input), _dec(output),
+                   None if cache_write is None else _dec(cache_write),
+                   tuple(sorted((tiers or {}).items())))
+
+    def for_prompt(self, prompt: int) -> Price:
+        """The price that applies to a request with `prompt` tokens."""
+        chosen = self
+        for threshold, tier in self.tiers:
+            if prompt > threshold:
+                chosen = tier
+        return chosen
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,27 +66,41 @@ class _Rates:
     input: int | Decimal
     cached_input: int | Decimal
     output: int | Decimal
+    cache_write: int | Decimal
+    exact: bool
+    tiers: tuple[tuple[int, _Rates], ...] = ()
 
     @classmethod
     def of(cls, p: Price) -> _Rates:
-        per = [_CTX.multiply(v, _NANO_PER_MILLION) for v in (p.input, p.cached_input, p.output)]
+        vals = (p.input, p.cached_input, p.output, p.input if p.cache_write is None else p.cache_write)
+        per = [_CTX.multiply(v, _NANO_PER_MILLION) for v in vals]
+        tiers = tuple((t, _Rates.of(tp)) for t, tp in p.tiers)
         if all(v == v.to_integral_value() for v in per):
-            return cls(int(per[0]), int(per[1]), int(per[2]))
-        return cls(per[0], per[1], per[2])
+            return cls(int(per[0]), int(per[1]), int(per[2]), int(per[3]), True, tiers)
+        return cls(per[0], per[1], per[2], per[3], False, tiers)
+
+    def for_prompt(self, prompt: int) -> _Rates:
+        chosen = self
+        for threshold, tier in self.tiers:
+            if prompt > threshold:
+                chosen = tier
+        return chosen
 
 
 _NO_PRICE = object()
 
 
 class PriceTable:
-    """Look up a model's price: exact id first, then globs, longest pattern first.
+    """Look up a model's price: exact id first, then globs, longest pattern first, then the
+    pricing files (so YAML entries win over them).
 
     Glob matching is case-sensitive (fnmatch.fnmatchcase); patterns of equal length
     keep their configured order.
     """
 
-    def __init__(self, prices: Mapping[str, Price]) -> None:
+    def __init__(self, prices: Mapping[str, Price], files: Mapping[str, Price] | None = None) -> None:
         self._exact: dict[str, Price] = dict(prices)
+        self._files: dict[str, Price] = dict(files or {})   # pricing_files: after the config's own
         globs = [(k, v) for k, v in prices.items() if _GLOB_CHARS.intersection(k)]
         self._globs = sorted(globs, key=lambda kv: -len(kv[0]))  # stable sort
         self._memo: dict[str, tuple[Price, _Rates] | object] = {}
@@ -80,6 +112,8 @@ class PriceTable:
         price = self._exact.get(model)
         if price is None:
             price = next((p for pat, p in self._globs if fnmatch.fnmatchcase(model, pat)), None)
+        if price is None:
+            price = self._files.get(model)
         found: tuple[Price, _Rates] | object = (
             _NO_PRICE if price is None else (price, _Rates.of(price)))
         if len(self._memo) >= _MEMO_MAX:  # model ids come from clients: keep this bounded
@@ -95,22 +129,26 @@ class PriceTable:
     def cost_nano(self, model: str, usage: Usage) -> tuple[int, bool]:
         """(cost in nano-USD, priced?) of `usage` on `model`; (0, False) when unpriced.
 
-        Uncached prompt at input, cached prompt at cached_input, completion at output.
-        Completion already contains reasoning, so reasoning is never added again.
+        Uncached prompt at input, cached prompt at cached_input, cache writes at cache_write,
+        completion at output, all at the tier the prompt size selects. Completion already
+        contains reasoning, so reasoning is never added again.
         """
         found = self._find(model)
         if not isinstance(found, tuple):
             return 0, False
-        r: _Rates = found[1]
-        cached = min(max(usage.cached_prompt, 0), max(usage.prompt, 0))
-        uncached = max(usage.prompt, 0) - cached
+        prompt = max(usage.prompt, 0)
+        r: _Rates = found[1].for_prompt(prompt) if found[1].tiers else found[1]
+        cached = min(max(usage.cached_prompt, 0), prompt)
+        write = min(max(usage.cache_write, 0), prompt - cached)
+        uncached = prompt - cached - write
         completion = max(usage.completion, 0)
-        if isinstance(r.input, int) and isinstance(r.cached_input, int) \
-                and isinstance(r.output, int):
-            return uncached * r.input + cached * r.cached_input + completion * r.output, True
-        total = _CTX.add(_CTX.add(_CTX.multiply(Decimal(uncached), Decimal(r.input)),
-                                  _CTX.multiply(Decimal(cached), Decimal(r.cached_input))),
-                         _CTX.multiply(Decimal(completion), Decimal(r.output)))
+        if r.exact:
+            return (uncached * int(r.input) + cached * int(r.cached_input)
+                    + write * int(r.cache_write) + completion * int(r.output)), True
+        total = Decimal(0)
+        for n, rate in ((uncached, r.input), (cached, r.cached_input), (write, r.cache_write),
+                        (completion, r.output)):
+            total = _CTX.add(total, _CTX.multiply(Decimal(n), Decimal(rate)))
         # Round once, at the end, half to even.
         return int(total.to_integral_value(rounding=ROUND_HALF_EVEN)), True
 

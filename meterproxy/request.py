@@ -21,6 +21,7 @@ from meterproxy.errors import (
     InvalidJSON,
     InvalidRequest,
     ModelNotAllowed,
+    ModelNotPriced,
     NotFound,
     QuotaExceeded,
     RateLimited,
@@ -30,13 +31,12 @@ from meterproxy.errors import (
 )
 from meterproxy.headers import client_request_id
 from meterproxy.limits import Admission, Decision, StoreError
-from meterproxy.metering.estimate import cheap_prompt_estimate
+from meterproxy.metering.reserve import MAX_N, reservation_tokens
 from meterproxy.metering.usage import Usage
 from meterproxy.runs import run_path_uid
 from meterproxy.state import AppState
 
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_usd", "monthly_usd"})
-_MAX_N = 128  # reservation multiplier cap; a larger n is the provider's to refuse
 
 
 class ClientGone(Exception):
@@ -67,6 +67,7 @@ class Call:
     overhead: float = 0.0
     usage: Usage | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    family: str = ""           # the metered endpoint's wire family (endpoints.py); "" = not metered
 
 
 def _reject_traversal(path: str) -> None:
@@ -109,27 +110,9 @@ async def read_body(receive: Any, limit: int, headers: list[tuple[bytes, bytes]]
             return b"".join(parts)
 
 
-def _positive_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value
-
-
 def reservation(cfg: Config, body: dict[str, Any] | None, body_len: int) -> int:
-    """Tokens to reserve: a cheap prompt estimate from the body size (tokenising on the hot path
-    is CPU we need not spend: settlement corrects it) + the completion allowance times n."""
-    if body is None:
-        return 0
-    prompt = cheap_prompt_estimate(body_len)
-    completion = _positive_int(body.get("max_completion_tokens"))
-    if completion is None:
-        completion = _positive_int(body.get("max_output_tokens"))
-    if completion is None:
-        completion = _positive_int(body.get("max_tokens"))
-    if completion is None:
-        completion = cfg.server.default_max_tokens
-    n = _positive_int(body.get("n")) or 1
-    return prompt + completion * min(n, _MAX_N)
+    """Tokens to reserve (meterproxy/metering/reserve.py: every family's max-output fields)."""
+    return reservation_tokens(body, body_len, cfg.server.default_max_tokens)
 
 
 def _check_models(principal: Principal, headers: list[tuple[bytes, bytes]], path: str,
@@ -190,10 +173,13 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
     model = _check_models(principal, headers, norm, parsed, body_bytes, metered, method)
     if body is not None:
         n = body.get("n")
-        if isinstance(n, int | float) and not isinstance(n, bool) and n > _MAX_N:
-            # Reserving for at most _MAX_N while forwarding n=10**6 let one request cost far more
+        if isinstance(n, int | float) and not isinstance(n, bool) and n > MAX_N:
+            # Reserving for at most MAX_N while forwarding n=10**6 let one request cost far more
             # than it reserved (issue #14): beyond the cap it is refused.
-            raise InvalidRequest(f"n must be at most {_MAX_N}.", param="n")
+            raise InvalidRequest(f"n must be at most {MAX_N}.", param="n")
+    if body is not None and cfg.server.unpriced == "refuse" and cfg.prices.lookup(model) is None:
+        # Refused before anything goes upstream: a model without a price escapes dollar budgets.
+        raise ModelNotPriced(f"The model '{model[:200]}' has no price; this proxy refuses unpriced models.")
 
     stream_requested = False
     inject = False
@@ -201,8 +187,10 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
     if body is not None:
         stream_field = body.get("stream")
         stream_requested = (stream_field is True) if "stream" in body else provider.stream_by_default
+        stream_requested = stream_requested or (endpoint is not None and endpoint.path_streams)
         async_create = provider.poll_prefix is not None and body.get("async") is True
-        if stream_requested and endpoint is not None and endpoint.stream_options:
+        if stream_requested and endpoint is not None and endpoint.stream_options \
+                and provider.stream_usage == "inject":
             opts = body.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                 # SPEC "Metering rules": ask for usage upstream, strip it from what the client sees.
@@ -233,7 +221,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
         raw_path=raw_path, query=scope.get("query_string", b""),
         body_bytes=body_bytes, body=body, model=model, metered=metered,
         stream_requested=stream_requested, inject_usage=inject, async_create=async_create,
-        poll_uid=poll_uid,
+        poll_uid=poll_uid, family=endpoint.family if endpoint is not None else "",
     )
     await admit(state, call)
     call.body = None  # read by admission only; finish re-parses body_bytes if it must estimate

@@ -104,6 +104,13 @@ for chunk in client.chat.completions.create(model="gpt-5.4", stream=True,
 print()
 PY
 
+  curl -s {base}/v1/messages -H 'x-api-key: {DEMO_KEY}' -H 'anthropic-version: 2023-06-01' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"model":"claude-sonnet-4-6","max_tokens":64,"messages":[{{"role":"user","content":"Hello"}}]}}'
+  curl -s '{base}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse' \\
+       -H 'x-goog-api-key: {DEMO_KEY}' -H 'Content-Type: application/json' \\
+       -d '{{"contents":[{{"parts":[{{"text":"Hello"}}]}}]}}'
+
   curl -s {base}/usage -H 'Authorization: Bearer {DEMO_KEY}'
   curl -s '{base}/admin/usage?group_by=user,model' -H 'Authorization: Bearer mp-demo-admin'
   curl -s {base}/metrics | grep meterproxy_tokens_total

@@ -91,6 +91,7 @@ keys:
 def test_repo_policies_are_valid() -> None:
     load_config("policies/demo.yaml", env={})
     load_config("policies/example.yaml", env={"OPENAI_API_KEY": "k", "VENDORX_KEY": "k", "RUNS_KEY": "k",
+                                              "ANTHROPIC_API_KEY": "k", "GEMINI_API_KEY": "k",
                                               "METERPROXY_ADMIN_KEY_SHA256": "b" * 64})
 
 

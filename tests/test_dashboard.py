@@ -195,3 +195,18 @@ def test_provisioning() -> None:
     # The dashboard's default data source is the provisioned one.
     current = next(v for v in _doc()["templating"]["list"] if v["name"] == "datasource")["current"]
     assert current["value"] == source["uid"]
+
+
+def test_no_panel_adds_token_types_that_are_parts_of_others() -> None:
+    """cached_prompt and cache_write are parts of prompt, reasoning of completion (SPEC): a query
+    over meterproxy_tokens_total either keeps types apart (`by (type)`) or selects only the
+    wholes (prompt|completion); summing every type would count cache writes twice."""
+    import re
+
+    exprs = [t["expr"] for p in _all_panels(_doc()["panels"]) for t in p.get("targets", [])
+             if "meterproxy_tokens_total" in t.get("expr", "")]
+    assert exprs
+    for expr in exprs:
+        keeps_apart = re.search(r"by \([^)]*\btype\b", expr) is not None
+        wholes_only = 'type=~\\"prompt|completion\\"' in expr or 'type=~"prompt|completion"' in expr
+        assert keeps_apart or wholes_only, expr

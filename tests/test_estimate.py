@@ -159,3 +159,51 @@ def test_estimate_prompt_other_flavors() -> None:
     assert estimate_prompt(items, "gpt-5.4") == 3 + _n("user") + _n("yo") + 3
     assert estimate_prompt({}, "gpt-4o") == 0
     assert estimate_prompt({"messages": "garbage"}, "gpt-4o") == 0
+
+
+def test_estimate_prompt_anthropic_messages() -> None:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100,
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "add", "signature": "sig"},
+                    {"type": "tool_use", "id": "t1", "name": "calc", "input": {"x": 2}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "4"}]}]}],
+            "tools": [{"name": "calc", "description": "adds", "input_schema": {"type": "object"}}]}
+    want = (_n("Be brief.")
+            + 3 + _n("user") + _n("What is 2+2?")
+            + 3 + _n("assistant") + _n("add") + _n(json.dumps({"x": 2}))
+            + 3 + _n("user") + _n("4") + 3 + _n(json.dumps(body["tools"])))
+    assert estimate_prompt(body, "claude-sonnet-4-5") == want
+
+
+def test_estimate_prompt_gemini_contents() -> None:
+    body = {"systemInstruction": {"parts": [{"text": "Be brief."}]},
+            "contents": [{"role": "user", "parts": [{"text": "Hi there"}]},
+                         {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]}],
+            "tools": [{"functionDeclarations": [{"name": "f"}]}],
+            "generationConfig": {"maxOutputTokens": 50}}
+    want = (_n("Be brief.") + 3 + _n("Hi there") + 3 + _n(json.dumps({"name": "f", "args": {}}))
+            + _n(json.dumps(body["tools"])))
+    assert estimate_prompt(body, "gemini-2.5-pro") == want
+
+
+def test_failed_estimate_falls_back_to_body_length_marked_estimated() -> None:
+    # issue 14: a tools array nested 1,010 deep made json.dumps raise and the record was zero
+    # tokens marked "provider".
+    raw = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"tools":' + \
+        b"[" * 1010 + b"]" * 1010 + b"}"
+    with pytest.raises(RecursionError):
+        estimate_prompt(json.loads(raw), "gpt-4o")
+    u = estimate.estimate_usage(raw, "gpt-4o", "some answer")
+    assert u.source == "estimated"
+    assert u.prompt == cheap_prompt_estimate(len(raw)) > 0
+    assert u.completion == _n("some answer")
+
+
+def test_estimate_usage_counts_a_normal_body() -> None:
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    u = estimate.estimate_usage(json.dumps(body).encode(), "gpt-4o", "")
+    assert (u.prompt, u.completion, u.source) == (estimate_prompt(body, "gpt-4o"), 0, "estimated")

@@ -31,6 +31,10 @@ def test_presented_key_rules() -> None:
     with pytest.raises(AuthError):
         presented_key([(b"authorization", b"Basic abc")])
     assert len(key_hash("k1")) == 64
+    # Gemini's SDK sends its key as x-goog-api-key (SPEC: client keys).
+    assert presented_key([(b"x-goog-api-key", b"k1")]) == "k1"
+    with pytest.raises(AuthError):
+        presented_key([(b"x-goog-api-key", b"k1"), (b"x-api-key", b"k2")])
 
 
 def test_goog_header_is_a_key_header_too() -> None:
@@ -45,6 +49,7 @@ def test_goog_header_is_a_key_header_too() -> None:
 
 def test_upstream_headers_hygiene() -> None:
     hdrs = [(b"host", b"proxy"), (b"authorization", b"Bearer client"), (b"x-api-key", b"client"),
+            (b"x-goog-api-key", b"client"),
             (b"connection", b"keep-alive, x-secret-hop"), (b"x-secret-hop", b"1"), (b"te", b"trailers"),
             (b"content-length", b"10"), (b"x-forwarded-for", b"1.2.3.4"), (b"x-keep", b"yes")]
     out = dict(upstream_headers(hdrs, PROV, "127.0.0.1", "rid", False))

@@ -397,7 +397,7 @@ def test_delays(client: httpx.Client) -> None:
 # --- introspection ------------------------------------------------------------------------------
 
 def test_stats_sum_every_usage(client: httpx.Client) -> None:
-    totals = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
+    totals = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "cache_write_tokens": 0, "completion_tokens": 0,
               "reasoning_tokens": 0}
     for model, cached in (("gpt-4o", "3"), ("o3-mini", "0"), ("gpt-5.4", "2")):
         u = client.post("/v1/chat/completions", headers={**AUTH, "x-sim-cached-tokens": cached},
@@ -467,3 +467,65 @@ def test_openai_sdk(sim: str, o200k: Any) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{sim}/v4/beta", api_key="sim", max_retries=0) \
             .chat.completions.create(model="gpt-4o", messages=msgs)
+
+
+# --- Anthropic Messages and Gemini ------------------------------------------------------------------
+
+def test_anthropic_messages_json_usage_with_cache_and_thinking(sim: str, o200k: Any) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=sim, api_key="sim-test",
+                                 default_headers={"x-sim-cached-tokens": "4", "x-sim-cache-write-tokens": "3"})
+    msg = client.messages.create(model="claude-sonnet-4-6", max_tokens=1000, system="Be terse.",
+                                 messages=[{"role": "user", "content": "Count the stars, please."}],
+                                 thinking={"type": "enabled", "budget_tokens": 1024})
+    prompt = tok(o200k, "Be terse.") + 3 + tok(o200k, "user") + tok(o200k, "Count the stars, please.")
+    u = msg.usage
+    assert (u.input_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens) == (prompt - 7, 4, 3)
+    thinking, text = msg.content
+    assert thinking.type == "thinking" and text.type == "text"
+    assert u.output_tokens == tok(o200k, thinking.thinking) + tok(o200k, text.text)
+    stats = httpx.get(f"{sim}/_sim/stats").json()["usage"]
+    assert stats["cache_write_tokens"] >= 3
+
+
+def test_anthropic_stream_events_and_cumulative_usage(sim: str, o200k: Any) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=sim, api_key="sim-test")
+    with client.messages.stream(model="claude-sonnet-4-6", max_tokens=5,
+                                messages=[{"role": "user", "content": "Hi"}]) as stream:
+        kinds = [ev.type for ev in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and "message_delta" in kinds and kinds[-1] == "message_stop"
+    assert final.stop_reason == "max_tokens"
+    assert final.usage.output_tokens == tok(o200k, final.content[0].text) == 5
+
+
+def test_gemini_generate_and_stream_usage_metadata(sim: str, o200k: Any) -> None:
+    from google import genai
+    from google.genai import types
+
+    client = genai.Client(api_key="sim-test", http_options=types.HttpOptions(
+        base_url=sim, headers={"x-sim-cached-tokens": "2"}))
+    r = client.models.generate_content(model="gemini-2.5-pro", contents="Count the stars")
+    um = r.usage_metadata
+    assert um is not None
+    assert um.prompt_token_count == 3 + tok(o200k, "Count the stars")
+    assert um.cached_content_token_count == 2
+    assert um.thoughts_token_count == 16
+    assert um.candidates_token_count == tok(o200k, r.text or "")
+    chunks = list(client.models.generate_content_stream(
+        model="gemini-2.0-flash", contents="Count the stars",
+        config=types.GenerateContentConfig(max_output_tokens=12)))
+    last = chunks[-1].usage_metadata
+    assert last is not None and last.thoughts_token_count is None
+    assert last.candidates_token_count == 12 == tok(o200k, "".join(c.text or "" for c in chunks))
+    raw = httpx.post(f"{sim}/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+                     headers={"x-goog-api-key": "k"}, json={"contents": "hi"})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.endswith("\r\n\r\n")
+    arr = httpx.post(f"{sim}/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+                     headers={"x-goog-api-key": "k"}, json={"contents": "hi"}).json()
+    assert isinstance(arr, list) and arr[-1]["usageMetadata"]["candidatesTokenCount"] == 40
+    assert httpx.post(f"{sim}/v1beta/models/g:generateContent", json={"contents": "hi"}).status_code == 401

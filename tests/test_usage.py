@@ -25,7 +25,7 @@ from meterproxy.metering.usage import Usage, usage_from_obj
      Usage(20, 4, 9, 6)),  # Responses API
     ({"input_tokens": 5, "output_tokens": 1, "cache_read_input_tokens": 100,
       "cache_creation_input_tokens": 10},
-     Usage(115, 100, 1, 0)),  # Anthropic: input excludes cache reads and writes
+     Usage(115, 100, 1, 0, cache_write=10)),  # Anthropic: input excludes cache reads and writes
 ])
 def test_shapes(obj: dict[str, Any], expected: Usage) -> None:
     assert usage_from_obj(obj) == expected

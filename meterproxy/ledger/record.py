@@ -35,6 +35,8 @@ class UsageRecord:
     # Unique per request, internal: names the record for idempotent writes. request_id may
     # come from the client (x-request-id) and repeat, so it is only the fallback.
     uid: str = ""
+    cache_write_tokens: int = 0
+    provider_cost_nano: int | None = None
 
     @property
     def dedupe_id(self) -> str:

@@ -18,6 +18,10 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
+
+from meterproxy.metering.usage import Usage
+
 # sha256 of the *uncompressed* .tiktoken files, as in tiktoken_ext/openai_public.py.
 _SHA256 = {
     "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
@@ -167,13 +171,40 @@ def _str_tokens(v: Any, enc: Encoder) -> int:
     return len(enc.encode_ordinary(v)) if isinstance(v, str) and v else 0
 
 
+def _block_tokens(block: dict[str, Any], enc: Encoder) -> int:
+    """One content block: its text (OpenAI parts, Anthropic text/thinking), an Anthropic tool_use
+    input or tool_result content, a Gemini functionCall/functionResponse."""
+    n = _str_tokens(block.get("text"), enc) + _str_tokens(block.get("thinking"), enc)
+    for key in ("input", "functionCall", "functionResponse"):
+        if isinstance(block.get(key), dict):
+            n += _str_tokens(json.dumps(block[key]), enc)
+    if "content" in block and block.get("type") == "tool_result":
+        n += _content_tokens(block["content"], enc)
+    return n
+
+
 def _content_tokens(content: Any, enc: Encoder) -> int:
-    """A string, or a list of parts of which the ``text`` of object parts counts."""
+    """A string, or a list of blocks (parts) of which the text-like fields count."""
     if isinstance(content, str):
         return _str_tokens(content, enc)
     if not isinstance(content, list):
         return 0
-    return sum(_str_tokens(p.get("text"), enc) for p in content if isinstance(p, dict))
+    return sum(_block_tokens(p, enc) for p in content if isinstance(p, dict))
+
+
+def _gemini_tokens(body: dict[str, Any], enc: Encoder) -> int:
+    """Gemini: systemInstruction and each content's parts, 3 per content as for chat."""
+    n = 0
+    system = body.get("systemInstruction") or body.get("system_instruction")
+    if isinstance(system, dict):
+        n += _content_tokens(system.get("parts"), enc)
+    contents = body.get("contents")
+    if isinstance(contents, str):
+        return n + _str_tokens(contents, enc)
+    for c in contents if isinstance(contents, list) else []:
+        if isinstance(c, dict):
+            n += _PER_MESSAGE + _content_tokens(c.get("parts"), enc)
+    return n
 
 
 def _message_tokens(msg: Any, enc: Encoder) -> int:
@@ -236,7 +267,9 @@ def estimate_prompt(body: dict[str, Any], model: str) -> int:
 
     Chat (``messages``): per message 3 + tokens of each string value (role, content or
     its text parts, name, tool-call function names and arguments), + 3 reply priming,
-    + tokens of ``json.dumps(tools)`` when tools are present. Completions: ``prompt``.
+    + tokens of ``json.dumps(tools)`` when tools are present. Anthropic Messages: as chat, with
+    ``system`` and the text, thinking, tool_use input and tool_result blocks. Gemini
+    (``contents``): systemInstruction, then 3 per content + its parts' text and function calls. Completions: ``prompt``.
     Embeddings: ``input`` (strings or token ids). Responses (``instructions`` or a list
     of input items): counted as chat, instructions as a system message and a string
     ``input`` as a user message.
@@ -246,6 +279,9 @@ def estimate_prompt(body: dict[str, Any], model: str) -> int:
     messages = body.get("messages")
     if isinstance(messages, list):
         n += _messages_tokens(messages, enc)
+        n += _content_tokens(body.get("system"), enc)   # Anthropic: a string or text blocks
+    elif "contents" in body:
+        n += _gemini_tokens(body, enc)
     elif "prompt" in body:
         n += _strings_or_ids(body.get("prompt"), enc)
     elif "instructions" in body or _is_responses_input(body.get("input")):
@@ -256,3 +292,20 @@ def estimate_prompt(body: dict[str, Any], model: str) -> int:
     if tools:
         n += _str_tokens(json.dumps(tools), enc)
     return n
+
+
+def estimate_usage(body_bytes: bytes, model: str, completion_text: str) -> Usage:
+    """Estimated usage of a request with no provider usage; never fails, never claims zero for a
+    prompt that was sent. A body the counting rule cannot walk (a `tools` array nested 1,000
+    deep makes json.dumps raise) falls back to the byte-length estimate."""
+    prompt = 0
+    try:
+        body = orjson.loads(body_bytes) if body_bytes else {}
+        prompt = estimate_prompt(body if isinstance(body, dict) else {}, model)
+    except (RecursionError, ValueError, TypeError, orjson.JSONDecodeError):
+        prompt = cheap_prompt_estimate(len(body_bytes))
+    try:
+        completion = estimate_completion(completion_text, model)
+    except (RecursionError, ValueError):
+        completion = cheap_prompt_estimate(len(completion_text.encode("utf-8", "replace")))
+    return Usage(prompt=prompt, completion=completion, source="estimated")

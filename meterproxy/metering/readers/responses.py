@@ -1,0 +1,18 @@
+"""OpenAI Responses: `usage` of the JSON body, `response.usage` of stream events
+(`response.completed`, also `response.incomplete` / `response.failed`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from meterproxy.metering.readers.paths import dicts_at
+from meterproxy.metering.usage import Usage, usage_from_obj
+
+
+def found(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    return dicts_at(obj, ("usage",), ("response", "usage"))
+
+
+def normalise(u: dict[str, Any]) -> Usage | None:
+    return usage_from_obj(u)

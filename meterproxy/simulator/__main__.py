@@ -1,0 +1,3 @@
+from meterproxy.simulator.app import main
+
+main()
