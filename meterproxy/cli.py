@@ -63,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     common: dict[str, Any] = dict(
         host=host, port=port, loop="uvloop", lifespan="on",
         access_log=False, log_level="warning", server_header=False, date_header=False,
+        log_config=None,  # uvicorn's own lines go through meterproxy's handler (text or json), not its formatter
         proxy_headers=False,  # x-forwarded-* from clients is never trusted (issue #7)
         timeout_graceful_shutdown=cfg.server.shutdown_grace_s,
         backlog=4096,
