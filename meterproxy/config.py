@@ -69,7 +69,7 @@ class StoreConfig(_Model):
         if v is not None and not v.startswith(("redis://", "rediss://", "redis+cluster://", "unix://")):
             raise ValueError("must start with redis://, rediss://, redis+cluster:// or unix://")
         if v is not None and not v.startswith("redis+cluster://"):
-            from meterproxy.limits.wire import WireRedis  # parses only: no connection is opened
+            from meterproxy.store.wire import WireRedis  # parses only: no connection is opened
 
             try:
                 WireRedis(v)

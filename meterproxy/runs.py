@@ -16,7 +16,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from meterproxy.limits import StoreError
 from meterproxy.limits.redis import CLIENT_FAILURES
-from meterproxy.limits.wire import WireRedis
+from meterproxy.store.wire import WireRedis
 
 
 class RunRegistry(Protocol):

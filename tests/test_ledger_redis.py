@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from meterproxy.ledger import Ledger, RedisStore, memory_store, redis_store
 from meterproxy.limits import StoreError
-from meterproxy.limits.wire import WireRedis
+from meterproxy.store.wire import WireRedis
 from tests.procs import RedisServer
 from tests.test_ledger import D0, DAY, dataset, expected, make, usage
 

@@ -1,4 +1,4 @@
-"""WireRedis (meterproxy/limits/wire.py) against a real redis-server: pipelining, errors, AUTH and
+"""WireRedis (meterproxy/store/wire.py) against a real redis-server: pipelining, errors, AUTH and
 SELECT, TLS, timeouts on a hung server, a killed server, cancelled callers, uvloop."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meterproxy.ledger import Ledger, redis_store
 from meterproxy.limits.redis import make_redis_client
-from meterproxy.limits.wire import WireRedis
+from meterproxy.store.wire import WireRedis
 from tests.procs import RedisServer, free_port
 from tests.test_ledger import dataset, expected
 

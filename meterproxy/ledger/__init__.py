@@ -27,7 +27,7 @@ from meterproxy.ledger.record import LedgerStore, Totals, UsageJSON, UsageRecord
 from meterproxy.ledger.redis import RedisStore
 from meterproxy.ledger.writer import Writer
 from meterproxy.limits.redis import make_redispy_client
-from meterproxy.limits.wire import WireRedis
+from meterproxy.store.wire import WireRedis
 
 __all__ = [
     "GROUP_FIELDS", "MAX_RECORDS_PAGE", "Ledger", "LedgerStore", "MemoryStore", "RedisStore",

@@ -14,7 +14,7 @@ Layout. Per-user keys share the hash tag `{u:<user>}`, the record keys the tag `
 A record is written by two scripts, one per slot, each atomic and idempotent on its own marker
 (SET NX inside the script), so a retried batch — after a timeout that did commit, or that
 committed one half — never counts twice. A batch is one pipeline of those calls: one round trip
-on a single node (one write on a WireRedis, limits/wire.py, when the store has one); on Redis
+on a single node (one write on a WireRedis, store/wire.py, when the store has one); on Redis
 Cluster (`redis+cluster://`) redis-py sends one pipeline per node. Reads always go through
 redis-py.
 The stream is one key, so on a cluster every record write also lands on that key's node.
@@ -48,7 +48,7 @@ from meterproxy.ledger.record import (
 )
 from meterproxy.limits import StoreError
 from meterproxy.limits.redis import CLIENT_FAILURES
-from meterproxy.limits.wire import Arg, WireRedis
+from meterproxy.store.wire import Arg, WireRedis
 
 T = TypeVar("T")
 

@@ -43,7 +43,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from meterproxy.limits import LIMIT_NAMES, Admission, Decision, Limits, RateSnapshot, StoreError
 from meterproxy.limits._view import status_view
-from meterproxy.limits.wire import WireRedis
+from meterproxy.store.wire import WireRedis
 
 __all__ = ["RedisClient", "RedisLimiter", "make_redis_client", "make_redispy_client"]
 
