@@ -1,9 +1,8 @@
-"""Command line: serve, check-config, new-key, simulate, usage (SPEC.md "Commands")."""
+"""Command line: serve, check-config, new-key, simulate, usage, ledger (SPEC.md "Commands")."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import secrets
@@ -12,6 +11,7 @@ import sys
 import tempfile
 from typing import Any
 
+from meterproxy import ledger_cli, usage_cli
 from meterproxy.auth import key_hash
 from meterproxy.config import Config, ConfigError, load_config, summary
 
@@ -129,12 +129,6 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _usage(args: argparse.Namespace) -> int:
-    from meterproxy.usage_cli import run_usage
-
-    return asyncio.run(run_usage(args))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meterproxy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -156,17 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--chunk-delay-ms", type=float, default=0.0)
     m.set_defaults(fn=_simulate)
-    u = sub.add_parser("usage", help="print the usage ledger as a table")
-    u.add_argument("--config", required=True)
-    u.add_argument("--user")
-    u.add_argument("--key")
-    u.add_argument("--since")
-    u.add_argument("--until")
-    u.add_argument("--group-by", default="user,key,model")
-    u.add_argument("--url", help="proxy URL, for the in-process store (default: from the config)")
-    u.add_argument("--admin-key", default=os.environ.get("METERPROXY_ADMIN_KEY"),
-                   help="admin key for --url (default: $METERPROXY_ADMIN_KEY)")
-    u.set_defaults(fn=_usage)
+    usage_cli.register(sub)    # usage, usage export
+    ledger_cli.register(sub)   # ledger migrate
     return p
 
 

@@ -162,6 +162,8 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
         m.child(m.ttft, call.provider.name, model).observe(out.ttft)
     if out.upstream_error is not None:
         m.upstream_errors.labels(call.provider.name, out.upstream_error).inc()
+    if call.adm is None and state.outage is not None:   # admitted while the store was down
+        state.outage.add(p.key_id, p.user, usage.total, cost_nano, time.time())
     if call.adm is not None:
         try:
             await state.limiter.settle(call.adm, usage.total, cost_nano)

@@ -709,10 +709,7 @@ def test_memory_bounded_over_10k_streams(tmp_path: Path) -> None:
 
 
 def test_in_process_maps_are_capped() -> None:
-    """The in-process maps that grow with traffic have hard caps: async-run ownership, and the
-    in-process ledger's records and dedupe markers."""
-    from meterproxy.ledger.memory import MemoryStore
-    from meterproxy.ledger.record import UsageRecord
+    """The in-process map that grows with traffic has a hard cap: async-run ownership."""
     from meterproxy.runs import MemoryRuns
 
     async def go() -> None:
@@ -723,14 +720,5 @@ def test_in_process_maps_are_capped() -> None:
         owner = await runs.owner("run-999")
         assert owner is not None and owner[:2] == ("alice-1", "alice")
         assert await runs.owner("run-0") is None
-        store = MemoryStore(max_records=100)
-        for i in range(10):
-            await store.write([UsageRecord(
-                request_id=f"r{i}-{j}", uid=f"u{i}-{j}", time=time.time(), key="alice-1", user="alice",
-                provider="sim", model="gpt-5.4", status=200, source="provider", duration_ms=1,
-                prompt_tokens=1, cached_prompt_tokens=0, completion_tokens=1, reasoning_tokens=0,
-                cost_nano=1) for j in range(100)])
-        assert len(await store.records(None, 10_000)) <= 110
-        assert len(store._seen) <= 110, len(store._seen)
 
     asyncio.run(go())
