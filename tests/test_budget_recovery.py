@@ -19,6 +19,7 @@ from tests.procs import RedisServer
 
 USD = 1_000_000_000
 BUDGET = Limits(monthly_usd_nano=5 * USD, daily_tokens=1000)
+NONE = Limits()
 
 
 def rec(i: int, t: float, tokens: int, cost: int, key: str = "k1", user: str = "alice") -> UsageRecord:
@@ -27,7 +28,7 @@ def rec(i: int, t: float, tokens: int, cost: int, key: str = "k1", user: str = "
                        cached_prompt_tokens=0, completion_tokens=0, reasoning_tokens=0, cost_nano=cost)
 
 
-def adm(i: int, key: Limits = BUDGET, user: Limits = Limits()) -> Admission:
+def adm(i: int, key: Limits = BUDGET, user: Limits = NONE) -> Admission:
     return Admission(f"a{i}", "k1", "alice", key, user, 1, 1)
 
 
