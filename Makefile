@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-APT_PKGS := redis-server prometheus
+APT_PKGS := redis-server prometheus postgresql
 
 .PHONY: demo test lint bench system-deps clean
 
@@ -13,11 +13,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# redis-server (tests, demo) and prometheus/promtool (monitoring tests) from Debian's packages.
+# redis-server (tests, demo), prometheus/promtool (monitoring tests) and PostgreSQL (ledger tests:
+# the suite runs initdb/pg_ctl itself, on an ephemeral port) from Debian's packages.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -48,6 +48,9 @@ PY
   curl -s http://127.0.0.1:8080/usage -H 'Authorization: Bearer {DEMO_KEY}'
   curl -s 'http://127.0.0.1:8080/admin/usage?group_by=user,model' -H 'Authorization: Bearer mp-demo-admin'
   curl -s http://127.0.0.1:8080/metrics | grep meterproxy_tokens_total
+  {sys.executable} -m meterproxy usage --config policies/demo.yaml --group-by user,model
+
+The ledger is .demo/ledger.db (SQLite): usage and monthly budgets survive a restart of the demo.
 
 Ctrl-C stops both.""", flush=True)
     try:
