@@ -173,8 +173,10 @@ class PostgresServer:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> PostgresServer:
+        # fsync=off only skips flushing the OS cache, which a crash of PostgreSQL (stop -m immediate)
+        # keeps; synchronous_commit stays on: a commit it acknowledged must survive that crash.
         opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+                "-c full_page_writes=off -c max_connections=200")
         subprocess.run([*self._as, _pg_bin("pg_ctl"), "-D", self.data, "-l", self.log, "-o", opts,
                         "-w", "-t", "30", "start"], check=True, stdout=subprocess.DEVNULL)
         return self

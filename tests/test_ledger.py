@@ -265,6 +265,18 @@ class TestLedgerContract:
         await ledger.store.set_cursor("ce", 5)   # a slower exporter elsewhere: never back
         assert await ledger.store.cursor("ce") == 7 and await ledger.store.cursor("other") == 0
 
+    async def test_one_exporter_lease_holder_at_a_time(self, ledger: Ledger, ledger_url: str) -> None:
+        other = open_ledger_store(ledger_url)   # another process (or proxy) on the same ledger
+        try:
+            assert await ledger.store.exporter_lease("ce")
+            assert await ledger.store.exporter_lease("ce")      # held: still ours
+            assert not await other.exporter_lease("ce")
+            assert await other.exporter_lease("other-exporter")
+            await ledger.store.close()                          # the holder goes away
+            assert await other.exporter_lease("ce")
+        finally:
+            await other.close()
+
     async def test_reopen_keeps_everything(self, ledger: Ledger, ledger_url: str) -> None:
         recs = dataset(50)
         await fill(ledger, recs)

@@ -6,20 +6,20 @@ OpenMeter ingest format), `type` com.meterproxy.usage, `id` = record id, `subjec
 its cursor (kept in the ledger, so a restart resumes where it stopped), POSTs them, and moves the
 cursor only after a 2xx: a crash between the two resends the batch (at least once; receivers
 de-duplicate by `id`). Failures are retried with backoff (0.5 s doubling to 30 s). Cursors only
-move forward, so two processes exporting at once (several proxies on one PostgreSQL) send some
-records twice but never skip one; on SQLite with --workers N a lock file elects one worker.
+move forward. One process exports at a time (a PostgreSQL session advisory lock across the fleet,
+a lock file beside a SQLite ledger across --workers N); when its holder dies another takes over
+from the cursor, so at worst the last unacknowledged batch is sent twice, never a record skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -35,6 +35,7 @@ log = logging.getLogger("meterproxy.export")
 CONTENT_TYPE = "application/cloudevents-batch+json"
 EVENT_TYPE = "com.meterproxy.usage"
 IDLE_S = 0.5
+LEASE_RETRY_S = 2.0
 BACKOFF_MAX_S = 30.0
 
 
@@ -51,32 +52,16 @@ class CloudEventsExporter:
     """One configured `cloudevents` exporter (see the module docstring)."""
 
     def __init__(self, name: str, cfg: ExportConfig, ledger: Ledger,
-                 on_pending: Callable[[int], None] | None = None,
-                 lock_path: str | None = None) -> None:
+                 on_pending: Callable[[int], None] | None = None) -> None:
         self.name = name
         self._cfg = cfg
         self._ledger = ledger
         self._on_pending = on_pending
-        self._lock_path = lock_path
-        self._lock: IO[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
         self._http = httpx.AsyncClient(timeout=30.0)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"export-{self.name}")
-
-    def _leader(self) -> bool:
-        """With a lock file (SQLite), only the process holding it exports."""
-        if self._lock_path is None or self._lock is not None:
-            return True
-        f = open(self._lock_path, "ab")  # noqa: SIM115 (held open as long as the lock is)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            return False
-        self._lock = f
-        return True
 
     async def _run(self) -> None:
         store = self._ledger.store
@@ -84,8 +69,9 @@ class CloudEventsExporter:
         delay = 0.5
         while True:
             try:
-                if not self._leader():
-                    await asyncio.sleep(5.0)
+                if not await store.exporter_lease(self.name):
+                    cursor = None   # another process exports; re-read the cursor if we take over
+                    await asyncio.sleep(LEASE_RETRY_S)
                     continue
                 if cursor is None:
                     cursor = await store.cursor(self.name)
@@ -117,19 +103,14 @@ class CloudEventsExporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._http.aclose()
-        if self._lock is not None:
-            self._lock.close()
 
 
 def start_exporters(cfg: Config, ledger: Ledger, metrics: Metrics) -> list[CloudEventsExporter]:
     """Start every exporter of `ledger.export`."""
     out = []
-    sqlite_path = getattr(ledger.store, "path", None)
     for e in cfg.ledger.export:
         name = e.name or e.type
-        lock = f"{sqlite_path}.export-{name}.lock" if sqlite_path else None
-        gauge = metrics.export_pending.labels(name)
-        exp = CloudEventsExporter(name, e, ledger, on_pending=gauge.set, lock_path=lock)
+        exp = CloudEventsExporter(name, e, ledger, on_pending=metrics.export_pending.labels(name).set)
         exp.start()
         out.append(exp)
     if out:

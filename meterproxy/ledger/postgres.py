@@ -73,6 +73,7 @@ class PostgresStore:
         self._timeout = timeout_s
         self._pool: asyncpg.Pool | None = None
         self._months: set[tuple[int, int]] = set()
+        self._leases: dict[str, asyncpg.Connection] = {}
 
     async def _p(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -193,10 +194,32 @@ class PostgresStore:
         self._months.update(ahead)
         return deleted
 
+    async def exporter_lease(self, exporter: str) -> bool:
+        """True while this process holds the exporter's session advisory lock (one exporting
+        process per exporter across the fleet; checked on every call, retaken after a restart)."""
+        con = self._leases.pop(exporter, None)
+        with store_errors("export_lease"):
+            if con is not None:
+                try:
+                    await con.fetchval("SELECT 1")
+                    self._leases[exporter] = con
+                    return True
+                except Exception:   # the server restarted: the lock went with the session
+                    con.terminate()
+            con = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            if await con.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", _WRITE_LOCK, exporter):
+                self._leases[exporter] = con
+                return True
+            await con.close()
+            return False
+
     async def ping(self) -> None:
         await self._fetch("ledger_ping", "SELECT 1", ())
 
     async def close(self) -> None:
+        for con in self._leases.values():
+            con.terminate()
+        self._leases.clear()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

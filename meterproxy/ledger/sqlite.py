@@ -12,12 +12,13 @@ per batch (the writer batches whatever queued during the previous commit).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from meterproxy.ledger import sql
 from meterproxy.ledger.record import UsageRecord
@@ -37,6 +38,8 @@ class SqliteStore:
         self._busy_s = busy_timeout_s
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="ledger-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._leases: dict[str, IO[bytes]] = {}
+        self._closed = False
 
     async def _run(self, op: str, fn: Callable[..., T], *args: Any) -> T:
         with store_errors(op):
@@ -153,10 +156,32 @@ class SqliteStore:
             if n < RETENTION_BATCH:
                 return deleted
 
+    async def exporter_lease(self, exporter: str) -> bool:
+        """True while this process holds the exporter's lock file beside the database (one
+        exporting process per exporter among the --workers N processes on this file)."""
+        if exporter in self._leases:
+            return True
+        f = open(f"{self.path}.export-{exporter}.lock", "ab")  # noqa: SIM115 (held while leased)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        self._leases[exporter] = f
+        return True
+
     async def ping(self) -> None:
         await self._run("ledger_ping", self._fetch, "SELECT 1", ())
 
     async def close(self) -> None:
+        """Release the connection and the thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for f in self._leases.values():
+            f.close()
+        self._leases.clear()
+
         def shut() -> None:
             if self._db is not None:
                 self._db.close()

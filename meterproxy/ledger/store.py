@@ -50,6 +50,11 @@ class LedgerStore(Protocol):
     async def set_cursor(self, exporter: str, record_id: int) -> None:
         ...
 
+    async def exporter_lease(self, exporter: str) -> bool:
+        """True when this process may run the exporter now (one process at a time per exporter;
+        a lease lost with its holder is taken over by another)."""
+        ...
+
     async def maintain(self, now: float, retention_days: int) -> int:
         """Retention (and, on PostgreSQL, partitions ahead); returns records deleted."""
         ...

@@ -14,10 +14,8 @@ import io
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import pytest
 
 from meterproxy.ledger import open_ledger_store
 from tests.e2e.cluster import ADMIN_KEY, ENV, KEYS, bearer, make_config, proxy, write_config
+from tests.e2e.receiver import Receiver
 from tests.procs import ROOT, Proc, free_port, simulator
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -198,43 +197,6 @@ def test_manual_migrate_refuses_an_old_schema(sim: Proc, tmp_path: Path) -> None
     assert r.returncode == 0 and "version 2" in r.stdout
     with proxy(cfg) as px:
         assert httpx.get(f"{px.base}/readyz", timeout=5).status_code == 200
-
-
-class Receiver:
-    """A local CloudEvents endpoint: records each batch; fails the first `fail` POSTs with 503."""
-
-    def __init__(self, fail: int = 0) -> None:
-        self.batches: list[list[dict[str, Any]]] = []
-        self.content_types: set[str] = set()
-        self.fail = fail
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                if outer.fail > 0:
-                    outer.fail -= 1
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                outer.content_types.add(self.headers["content-type"])
-                outer.batches.append(json.loads(body))
-                self.send_response(202)
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return [e for b in self.batches for e in b]
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 def test_cloudevents_exporter_delivers_every_record_in_order(sim: Proc, tmp_path: Path) -> None:
