@@ -49,6 +49,16 @@ CHAT = "/v1/chat/completions"
 
 
 @contextlib.contextmanager
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of its own (tests stop and restart it) for the ledger."""
+    pg = PostgresServer().start()
+    try:
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@contextlib.contextmanager
 def aof_redis(fsync: str = "always") -> Iterator[RedisServer]:
     """A redis-server of its own (tests kill it) with AOF on, as the README asks for production.
     fsync "always": even a SIGKILLed Redis keeps every write it acknowledged."""
@@ -109,10 +119,9 @@ def test_fleet_two_proxies_postgres_and_redis_restarts(tmp_path: Path) -> None:
     answered request; the aggregates equal the sum of the records exactly (tokens and nano-USD);
     the receiver got every record id, none missing, first deliveries in record order."""
     total, conc = 2000, 100
-    pg = PostgresServer().start()
     rx = Receiver()
     try:
-        with aof_redis() as rs, simulator() as sim:
+        with aof_redis() as rs, simulator() as sim, postgres() as pg:
             cfg = make_config(sim.port, store_url=rs.url, on_error="open", ledger={
                 "url": pg.new_database(),
                 "export": [{"type": "cloudevents", "url": rx.url, "batch_size": 500}]})
@@ -174,19 +183,19 @@ def test_fleet_two_proxies_postgres_and_redis_restarts(tmp_path: Path) -> None:
                       f"{len(rx.events)} events delivered for {total} records")
     finally:
         rx.close()
-        pg.cleanup()
 
 
 @pytest.mark.slow
 def test_sigterm_mid_run_finishes_streams_flushes_backlog_exits_0(tmp_path: Path) -> None:
-    """SIGTERM one of two proxies mid-run, while Redis is down: it stops accepting at once,
-    finishes its in-flight streams, waits for the store within the grace period, writes its
-    backlog and exits 0. Requests it no longer accepted go to the other proxy (as a load balancer
+    """SIGTERM one of two proxies mid-run, while the PostgreSQL ledger is down: it stops accepting
+    at once, finishes its in-flight streams, waits for the ledger within the grace period, writes
+    its backlog and exits 0. Requests it no longer accepted go to the other proxy (as a load balancer
     would); the ledger holds every request either answered, equal to the simulator's totals."""
     grace = 10.0
     total, conc = 800, 60
-    with aof_redis() as rs, simulator() as sim:
-        cfg = make_config(sim.port, store_url=rs.url, server={"shutdown_grace_s": grace})
+    with aof_redis() as rs, simulator() as sim, postgres() as pg:
+        cfg = make_config(sim.port, store_url=rs.url, server={"shutdown_grace_s": grace},
+                          ledger={"url": pg.new_database()})
         path = write_config(tmp_path / "c.yaml", cfg)
         with proxy(path) as a, proxy(path) as b:
             # Streams of ~0.5 s, so SIGTERM always finds some in flight.
@@ -194,10 +203,10 @@ def test_sigterm_mid_run_finishes_streams_flushes_backlog_exits_0(tmp_path: Path
                             s.key_header) for s in mixed_shapes(chunks=10)]
             info: dict[str, Any] = {}
 
-            def restart_redis_later() -> None:
+            def restart_ledger_later() -> None:
                 time.sleep(1.5)
-                rs.start()
-                info["redis_back"] = time.monotonic()
+                pg.start()
+                info["ledger_back"] = time.monotonic()
 
             def watch_exit() -> None:
                 info["rc"] = a.proc.wait(grace + 10)
@@ -205,14 +214,14 @@ def test_sigterm_mid_run_finishes_streams_flushes_backlog_exits_0(tmp_path: Path
 
             async def on_done(n: int) -> None:
                 if n == 150:
-                    await asyncio.to_thread(rs.stop)
+                    await asyncio.to_thread(pg.stop, "immediate")
                 elif n == 300:
                     info["inflight"] = await asyncio.to_thread(
                         metric, a.base, "meterproxy_inflight_requests")
                     info["backlog"] = await asyncio.to_thread(metric, a.base, "meterproxy_usage_backlog")
                     info["t_term"] = time.monotonic()
                     a.signal(signal.SIGTERM)
-                    threading.Thread(target=restart_redis_later, daemon=True).start()
+                    threading.Thread(target=restart_ledger_later, daemon=True).start()
                     threading.Thread(target=watch_exit, daemon=True).start()
 
             def elsewhere(res: Result) -> str | None:
@@ -226,9 +235,9 @@ def test_sigterm_mid_run_finishes_streams_flushes_backlog_exits_0(tmp_path: Path
             t_exit = info["t_exit"]
             assert info["rc"] == 0, a.output()[-3000:]
             assert info["inflight"] > 0 and info["backlog"] > 0, info
-            # It exited within the grace period, after the store came back and took its backlog.
+            # It exited within the grace period, after the ledger came back and took its backlog.
             assert t_exit < grace, t_exit
-            assert 1.5 <= info["redis_back"] - info["t_term"] < t_exit
+            assert 1.5 <= info["ledger_back"] - info["t_term"] < t_exit
             bad = [(s.path, r.base, r.status, r.error) for s, r in results
                    if r.status != 200 or not stream_complete(s, r.body)]
             assert not bad, (len(bad), bad[:5])
@@ -694,10 +703,11 @@ def test_memory_bounded_over_10k_streams(tmp_path: Path) -> None:
     """10,000 streamed requests (concurrency 50) through one proxy process on Redis, with a share
     of broken streams, provider errors and concurrency leases: RSS after 10,000 is within 15 MiB of
     RSS after the 1,000-request warm-up; every lease is released; the backlog stays 0. Then, with
-    Redis down, the backlog grows to its cap (store.max_backlog 500) and no further."""
+    the PostgreSQL ledger down, the backlog grows to its cap (store.max_backlog 500) and no further."""
     cap = 500
-    with aof_redis("everysec") as rs, simulator() as sim:
+    with aof_redis("everysec") as rs, simulator() as sim, postgres() as pg:
         cfg = make_config(sim.port, store_url=rs.url, store={"max_backlog": cap},
+                          ledger={"url": pg.new_database()},
                           keys={"alice-1": {"limits": {"concurrency": 1000}}},
                           users={"bob": {"limits": {"concurrency": 1000}}})
         path = write_config(tmp_path / "c.yaml", cfg)
@@ -741,10 +751,7 @@ def test_memory_bounded_over_10k_streams(tmp_path: Path) -> None:
                   f"(+{growth:.1f})")
             assert growth < 15, growth
 
-            assert rs.proc is not None
-            rs.proc.terminate()     # a clean stop: Redis writes its AOF out (fsync is everysec here)
-            rs.proc.wait(10)
-            rs.proc = None
+            pg.stop("immediate")
             t_out = time.monotonic()
             outage = run(1500, "o")
             assert all(r.status in (200, 500) for _, r in outage)   # fail open: all served
@@ -753,7 +760,7 @@ def test_memory_bounded_over_10k_streams(tmp_path: Path) -> None:
             assert "dropped" in px.output()
             rss_outage = rss_mb(px.proc.pid)
             t_out = time.monotonic() - t_out
-            rs.start()
+            pg.start()
             _wait_backlog_empty(px)
             assert ledger_total(px.base)["requests"] == 10_000 + cap
             print(f"outage: 1,500 requests in {t_out:.1f}s; backlog capped at {backlog:.0f}; "
