@@ -138,10 +138,11 @@ class MeterProxy:
                         on_write=lambda result: m.ledger_writes.labels(result).inc(),
                         retention_days=cfg.ledger.retention_days)
         try:
-            await ledger.open(auto_migrate=cfg.ledger.migrate == "auto")
+            version = await ledger.open(auto_migrate=cfg.ledger.migrate == "auto")
         except (SchemaTooOld, SchemaTooNew, StoreError) as exc:
             log.error("ledger %s: %s", ledger.store.url, exc)
             raise
+        log.info("ledger %s (schema version %d)", ledger.store.url, version)
         if isinstance(limiter, MemoryLimiter):
             # Budgets survive restarts: this month's usage from the ledger's aggregates.
             try:

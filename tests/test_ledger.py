@@ -3,8 +3,10 @@ database on the suite's real server)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from datetime import UTC, date, datetime
@@ -13,6 +15,8 @@ from typing import Any
 import pytest
 
 from meterproxy.ledger import GROUP_FIELDS, LATEST, Ledger, SchemaTooOld, UsageRecord, open_ledger_store
+from meterproxy.store import StoreError
+from tests.procs import PostgresServer
 
 D0 = datetime(2026, 11, 29, tzinfo=UTC).timestamp()   # three days spanning a month boundary
 DAY = 86_400.0
@@ -327,3 +331,61 @@ async def test_backlog_drops_are_reported_as_store_errors(tmp_path: Any) -> None
         [make(i, D0 + i).request_id for i in range(4, 7)]
     assert writes and set(writes) == {"ok"}
     await ledger.close(1)
+
+
+async def test_sqlite_commits_within_a_second(tmp_path: Any) -> None:
+    """SPEC: a record is committed within a second of its response — visible to another connection
+    (another process: `meterproxy usage`, a second worker) without any flush or shutdown."""
+    import sqlite3
+
+    ledger = Ledger(open_ledger_store(f"sqlite://{tmp_path}/l.db"))
+    await ledger.open(maintain=False)
+    try:
+        for i in range(5):
+            t0 = time.monotonic()
+            ledger.submit(make(i, D0 + i))
+            while True:
+                db = sqlite3.connect(tmp_path / "l.db")
+                n = db.execute("SELECT count(*) FROM records").fetchone()[0]
+                db.close()
+                if n == i + 1:
+                    break
+                assert time.monotonic() - t0 < 1.0
+                await asyncio.sleep(0.01)
+    finally:
+        await ledger.close(1)
+
+
+async def test_postgres_partitions_ahead_and_readiness(tmp_path: Any) -> None:
+    """maintain() creates this month's and the next two months' partitions; a stopped server makes
+    ready() fail (/readyz 503) and writes queue; they land once it is back, exactly once."""
+    pg = PostgresServer().start()
+    try:
+        url = pg.new_database()
+        ledger = Ledger(open_ledger_store(url))
+        await ledger.open(maintain=False)
+        now = datetime(2026, 12, 15, tzinfo=UTC).timestamp()
+        await ledger.store.maintain(now, 400)
+        import asyncpg
+
+        con = await asyncpg.connect(url)
+        names = {r[0] for r in await con.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid")}
+        await con.close()
+        assert {"records_y2026m12", "records_y2027m01", "records_y2027m02"} <= names
+        await ledger.ready()
+        pg.stop("immediate")
+        with pytest.raises(StoreError):
+            await ledger.ready()
+        recs = [make(i, D0 + i) for i in range(20)]
+        for r in recs:
+            ledger.submit(r)
+        await asyncio.sleep(0.3)
+        assert ledger.backlog == 20
+        pg.start()
+        assert await ledger.drain(15)
+        await ledger.ready()
+        assert (await ledger.query())["total"] == usage(recs)
+        await ledger.close(1)
+    finally:
+        pg.cleanup()
