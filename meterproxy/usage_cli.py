@@ -120,14 +120,14 @@ async def run_usage(args: argparse.Namespace) -> int:
 
 async def run_export(args: argparse.Namespace) -> int:
     from meterproxy.admin import parse_when
-    from meterproxy.ledger.query import _instant
+    from meterproxy.ledger.query import instant
     from meterproxy.ledger.record import record_json
 
     try:
         since = parse_when(args.since, "since")
         until = parse_when(args.until, "until", end=True)
-        start = None if since is None else _instant(since, end=False)
-        end = None if until is None else _instant(until, end=True)
+        start = None if since is None else instant(since, end=False)
+        end = None if until is None else instant(until, end=True)
     except ProxyError as err:
         raise CliError(err.message, 2) from err
     except ValueError as exc:

@@ -34,7 +34,7 @@ class Plan:
     partials: list[tuple[float, float]] = field(default_factory=list)
 
 
-def _instant(d: date | datetime, *, end: bool) -> float:
+def instant(d: date | datetime, *, end: bool) -> float:
     """Epoch seconds of a bound. A plain date means its whole UTC day: since = its start,
     until = the end of that day (so until=2026-11-30 includes the 30th). A datetime is an
     instant (naive means UTC); until is exclusive, except that an until of 23:59:59.999999 is
@@ -58,8 +58,8 @@ def _instant(d: date | datetime, *, end: bool) -> float:
 
 def plan(since: date | datetime | None, until: date | datetime | None) -> Plan:
     """Split [since, until) into whole days and partial-day ranges."""
-    s = None if since is None else _instant(since, end=False)
-    u = None if until is None else _instant(until, end=True)
+    s = None if since is None else instant(since, end=False)
+    u = None if until is None else instant(until, end=True)
     p = Plan()
     if s is not None and u is not None and u <= s:
         p.whole_days = False

@@ -26,7 +26,7 @@ import pytest
 from meterproxy.ledger import open_ledger_store
 from tests.e2e.cluster import ADMIN_KEY, ENV, KEYS, bearer, make_config, proxy, write_config
 from tests.e2e.receiver import Receiver
-from tests.procs import ROOT, Proc, free_port, simulator
+from tests.procs import ROOT, Proc, RedisServer, free_port, simulator
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MSG: list[Any] = [{"role": "user", "content": "Tell me about rivers and stones."}]
@@ -225,3 +225,31 @@ def test_cloudevents_exporter_delivers_every_record_in_order(sim: Proc, tmp_path
         assert max(len(b) for b in rx.batches) <= 3
     finally:
         rx.close()
+
+
+def test_usage_served_during_a_redis_outage_is_charged_when_it_is_back(sim: Proc, tmp_path: Path) -> None:
+    """on_error: open serves while Redis is down, unadmitted; once Redis is back, that usage is
+    charged to the budget counters, so a budget spent during the outage is spent after it."""
+    rs = RedisServer(extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
+    try:
+        cfg = write_config(tmp_path / "c.yaml", make_config(
+            sim.port, store_url=rs.url, on_error="open",
+            keys={"bob-1": {"limits": {"monthly_usd": BUDGET_USD}}}))
+        with proxy(cfg) as px:
+            bob = sdk(px, "bob-1")
+            bob.chat.completions.create(model="gpt-5.4", messages=MSG, max_tokens=5)   # Redis up
+            rs.stop()
+            for _ in range(6):   # about twice the budget, served open
+                bob.chat.completions.create(model="gpt-5.4", messages=MSG, max_tokens=40)
+            rs.start()
+
+            def spent() -> bool:
+                u = httpx.get(f"{px.base}/usage", headers=bearer("bob-1"), timeout=5)
+                return u.status_code == 200 and u.json()["limits"]["monthly_usd"]["remaining"] == 0
+            until(spent, 10, "outage usage charged to the budget")
+            with pytest.raises(openai.RateLimitError) as err:
+                bob.chat.completions.create(model="gpt-5.4", messages=MSG, max_tokens=5)
+            assert err.value.code == "insufficient_quota"
+            assert "charged to budgets" in px.output()
+    finally:
+        rs.cleanup()
