@@ -24,6 +24,7 @@ import httpx
 import pytest
 import redis
 
+from meterproxy.ledger import open_ledger_store
 from tests.e2e.cluster import KEYS, bearer, make_config, proxy, write_config
 from tests.e2e.load import (
     ADMIN,
@@ -261,7 +262,7 @@ def test_sigterm_mid_run_finishes_streams_flushes_backlog_exits_0(tmp_path: Path
 def test_sigterm_ends_a_stream_longer_than_grace_and_still_meters_it(tmp_path: Path, redis_url: str) -> None:
     """A 10 s stream against shutdown_grace_s 1.5: new connections are refused from the moment of
     SIGTERM, the stream is ended when the grace period runs out (no [DONE]), it is metered by
-    estimate into the store, and the process exits 0 within ~2 s."""
+    estimate into the ledger, and the process exits 0 within ~2 s."""
     with simulator() as sim:
         cfg = make_config(sim.port, store_url=redis_url, server={"shutdown_grace_s": 1.5})
         path = write_config(tmp_path / "c.yaml", cfg)
@@ -289,9 +290,15 @@ def test_sigterm_ends_a_stream_longer_than_grace_and_still_meters_it(tmp_path: P
             assert rc == 0, px.output()[-2000:]
             assert 1.4 < took < 4.0, took    # ended by the grace period, not run to its 10 s end
             assert b"[DONE]" not in got and got.count(b"data: {") >= 10
-    r = redis.Redis.from_url(redis_url)
-    recs = [f for _, f in r.xrange("mp:{records}") if f[b"rid"] == b"cut-by-grace"]
-    assert len(recs) == 1 and recs[0][b"src"] == b"estimated" and int(recs[0][b"ct"]) >= 10
+    async def read_ledger() -> list[Any]:   # the default ledger: SQLite beside the config
+        store = open_ledger_store(f"sqlite://{tmp_path / 'meterproxy-ledger.db'}")
+        try:
+            return [r for _, r in await store.records(0, 1000) if r.request_id == "cut-by-grace"]
+        finally:
+            await store.close()
+
+    recs = asyncio.run(read_ledger())
+    assert len(recs) == 1 and recs[0].source == "estimated" and recs[0].completion_tokens >= 10
 
 
 def _refused(port: int) -> bool:
