@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-APT_PKGS := redis-server prometheus
+APT_PKGS := redis-server prometheus postgresql
 PORT     ?= 8080
 SIM_PORT ?= 9000
 
@@ -16,22 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# `make install`: the venv with the runtime package only (no dev extras, nothing from apt).
-# `make demo` adds the openai SDK its banner's snippet uses. A dev venv already has both.
-$(VENV)/.runtime $(VENV)/.demo: pyproject.toml
-	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then touch $@; else \
-	  echo "setting up $(VENV) (runtime package$(if $(filter %.demo,$@), + openai SDK)) ..." && \
-	  $(PY) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && \
-	  $(BIN)/pip install -q -e '.$(if $(filter %.demo,$@),[demo])' && touch $@; fi
-
-install: $(VENV)/.runtime
-	@echo "installed: . $(BIN)/activate  (or run $(BIN)/meterproxy)"
-
-# redis-server (tests) and prometheus/promtool (monitoring tests) from Debian's packages.
+# redis-server (tests, demo), prometheus/promtool (monitoring tests) and PostgreSQL (ledger tests:
+# the suite runs initdb/pg_ctl itself, on an ephemeral port) from Debian's packages.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

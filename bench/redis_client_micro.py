@@ -31,7 +31,7 @@ import uvloop
 
 from meterproxy.limits import Admission, Limits
 from meterproxy.limits.redis import RedisLimiter, make_redispy_client
-from meterproxy.limits.wire import WireRedis
+from meterproxy.store.wire import WireRedis
 
 TIMEOUT_S = 0.25          # the store's default timeout_ms
 KEY = Limits(rpm=10**9, tpm=10**12, concurrency=10**6, daily_tokens=10**15)

@@ -13,7 +13,10 @@ over rounds, and every "added" figure is taken against the direct run of the sam
 
 Proxy CPU per request = user+sys CPU of the proxy's processes over a run / requests in the run
 (steadier than wall time on a shared machine). Per chunk = (CPU per paced stream - CPU per
-non-stream request) / SSE events the provider sent.
+non-stream request) / SSE events the provider sent. Redis CPU per request = redis-server's user+sys
+CPU over a run (/proc) / requests in the run, next to the proxy's for the Redis variant (issue #10:
+Redis holds limiter state only). Both proxies write their ledger to SQLite (the default file beside
+their config, in the bench's temp dir).
 
 Writes bench/results/<UTC timestamp>.json and bench/results/latest.json, prints the table, and
 rewrites the generated part of docs/performance.md (between the bench markers).
@@ -467,6 +470,12 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"proxy {s['pl16'][p]['quiet'].get('cpu_us_per_chunk', math.nan):.1f} µs/chunk, bare "
             f"{s['pl16']['bare']['quiet'].get('cpu_us_per_chunk', math.nan):.1f}; 50 paced chunks c=32: "
             f"+{s['p32'][p]['quiet'].get('added_cpu_us_per_chunk_over_bare', math.nan):.1f} µs")
+    q32 = s.get("ns32", {}).get("proxy-redis", {}).get("quiet", {})
+    if "redis_cpu_us_per_req" in q32:
+        # issue #10: the ledger left Redis; 190 µs/request before (4 EVALSHA, two of them the ledger's)
+        row("redis-server CPU per proxied request (proxy-redis, non-stream c=32)", "≤ 95 µs", "ns32",
+            "proxy-redis", "redis_cpu_us_per_req", lambda v: v <= 95, "µs",
+            f"proxy {q32.get('cpu_us_per_req', math.nan):.0f} µs/request in the same runs")
     mem = res.get("memory") or {}
     for p in PROXIES:
         if p in mem:
@@ -496,8 +505,8 @@ def _f(v: Any, nd: int = 2) -> str:
 def table(res: dict[str, Any]) -> str:
     """The main table, as Markdown."""
     head = ("| scenario | path | req/s | p50 ms | p99 ms | added p50 ms | TTFB p50 ms | TTFB added ms "
-            "| proxy CPU µs/req | µs/chunk | core busy | run-queue wait |")
-    lines = [head, "|" + "---|" * 2 + "---:|" * 10]
+            "| proxy CPU µs/req | redis CPU µs/req | µs/chunk | core busy | run-queue wait |")
+    lines = [head, "|" + "---|" * 2 + "---:|" * 11]
     for key, sc in res["scenarios"].items():
         for path in PATHS:
             m = sc[path]
@@ -507,6 +516,7 @@ def table(res: dict[str, Any]) -> str:
                 _f(m.get("ttfb_p50_ms")) if "ttfb_p50_ms" in m else "",
                 _f(m.get("added_ttfb_p50_ms")) if path != "direct" and "ttfb_p50_ms" in m else "",
                 _f(m.get("cpu_us_per_req"), 0) if "cpu_us_per_req" in m else "",
+                _f(m.get("redis_cpu_us_per_req"), 0) if "redis_cpu_us_per_req" in m else "",
                 _f(m.get("cpu_us_per_chunk"), 1) if "cpu_us_per_chunk" in m else "",
                 f"{100 * m['cpu_util']:.0f}%" if "cpu_util" in m else "",
                 f"{100 * m['cpu_wait_util']:.0f}%" if "cpu_wait_util" in m else "",

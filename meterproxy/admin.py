@@ -12,10 +12,9 @@ from starlette.responses import JSONResponse, Response
 
 from meterproxy.auth import authenticate, is_admin
 from meterproxy.errors import AdminOnly, InvalidRequest, ProxyError, StoreUnavailable
-from meterproxy.limits import StoreError
+from meterproxy.ledger import GROUP_FIELDS
 from meterproxy.state import AppState
-
-GROUP_FIELDS = ("user", "key", "model", "provider", "day")
+from meterproxy.store import StoreError
 
 
 def error_response(err: ProxyError) -> Response:
@@ -34,9 +33,9 @@ def parse_when(value: str | None, name: str, end: bool = False) -> datetime | No
             dt = datetime(d.year, d.month, d.day, tzinfo=UTC)
             return dt.replace(hour=23, minute=59, second=59, microsecond=999999) if end else dt
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise InvalidRequest(f"{name}: not an ISO date or datetime", param=name) from exc
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:   # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise InvalidRequest(f"{name}: not an ISO date or datetime in range", param=name) from exc
 
 
 def _state(request: Request) -> AppState:
@@ -92,10 +91,14 @@ async def admin_usage(request: Request, state: AppState) -> dict[str, Any]:
     if bad:
         raise InvalidRequest(f"group_by: unknown field {bad[0]!r}; use {','.join(GROUP_FIELDS)}",
                              param="group_by")
-    result: dict[str, Any] = await state.ledger.query(
-        user=q.get("user") or None, key=q.get("key") or None, model=q.get("model") or None,
-        provider=q.get("provider") or None, since=parse_when(q.get("since"), "since"),
-        until=parse_when(q.get("until"), "until", end=True), group_by=group_by)
+    since, until = parse_when(q.get("since"), "since"), parse_when(q.get("until"), "until", end=True)
+    try:
+        result: dict[str, Any] = await state.ledger.query(
+            user=q.get("user") or None, key=q.get("key") or None, team=q.get("team") or None,
+            model=q.get("model") or None, provider=q.get("provider") or None,
+            since=since, until=until, group_by=group_by)
+    except ValueError as exc:   # a date the ledger cannot represent: the client's error
+        raise InvalidRequest(f"since/until: {exc}", param="since") from exc
     return result
 
 

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,14 +29,18 @@ from meterproxy.config import Config, load_config
 from meterproxy.errors import AdminOnly
 from meterproxy.forward import ProxyRoute
 from meterproxy.labels import ModelLabels
-from meterproxy.ledger import Ledger, memory_store, redis_store
+from meterproxy.ledger import Ledger, SchemaTooNew, SchemaTooOld, open_ledger_store
+from meterproxy.ledger.export import start_exporters
 from meterproxy.limits import Limiter
+from meterproxy.limits.catchup import OutageUsage
 from meterproxy.limits.memory import MemoryLimiter
-from meterproxy.limits.redis import RedisLimiter, make_redis_client
+from meterproxy.limits.redis import RedisLimiter
 from meterproxy.metrics import Metrics, exposition_registry, make_registry, render_latest
 from meterproxy.reload import Reloader
 from meterproxy.runs import MemoryRuns, RedisRuns, RunRegistry
 from meterproxy.state import AppState, StoreHealth
+from meterproxy.store import StoreError
+from meterproxy.store.redis import make_redis_client
 from meterproxy.upstream import Upstream
 
 log = logging.getLogger("meterproxy")
@@ -65,6 +70,11 @@ async def readyz(request: Request) -> Response:
         except Exception as exc:  # any store failure means "not ready"
             return JSONResponse({"status": "store unavailable", "error": type(exc).__name__},
                                 status_code=503)
+    try:
+        await state.ledger.ready()
+    except Exception as exc:  # the ledger does not accept writes: not ready either
+        return JSONResponse({"status": "ledger unavailable", "error": type(exc).__name__},
+                            status_code=503)
     return JSONResponse({"status": "ready"})
 
 
@@ -105,29 +115,44 @@ class MeterProxy:
         clients: list[Any] = []
         limiter: Limiter
         runs: RunRegistry
+        outage: OutageUsage | None = None
         if cfg.store.url:
-            # On a single node both are WireRedis connections (RedisCluster on a cluster). The
-            # limiter, runs and readiness share `fast`; the ledger writes on `slow`, its own
-            # connection with more time per call, so a 1,000-command batch never sits in front of
-            # an admission; the ledger's reads go through a redis-py client it opens (RedisStore).
+            # A single node: one WireRedis connection shared by the limiter, runs and readiness
+            # (RedisCluster on a cluster). Redis holds limiter state only; the ledger is SQL.
             fast = make_redis_client(cfg.store.url, cfg.store.timeout_ms / 1000)
-            slow = make_redis_client(cfg.store.url, max(cfg.store.timeout_ms / 1000, 2.0))
-            clients += [fast, slow]
+            clients.append(fast)
             limiter = RedisLimiter(fast, lease_ttl_s=cfg.store.lease_ttl_s)
-            ledger_store = redis_store(slow)
             runs = RedisRuns(fast)
             app.state.ping = fast.ping
+            if cfg.store.on_error == "open":
+                outage = OutageUsage(limiter)
+                outage.start()
         else:
             limiter = MemoryLimiter(lease_ttl_s=cfg.store.lease_ttl_s)
-            ledger_store = memory_store()
             runs = MemoryRuns()
             app.state.ping = None
         health = StoreHealth(m)
-        ledger = Ledger(ledger_store, on_backlog=m.backlog.set, max_backlog=cfg.store.max_backlog,
-                        on_store_error=lambda op: health.failed(op, RuntimeError(op)))
-        await ledger.start()
+        ledger = Ledger(open_ledger_store(cfg.ledger_url, cfg.config_dir), on_backlog=m.backlog.set,
+                        max_backlog=cfg.store.max_backlog,
+                        on_store_error=lambda op: health.failed(op, RuntimeError(op)),
+                        on_write=lambda result: m.ledger_writes.labels(result).inc(),
+                        retention_days=cfg.ledger.retention_days)
+        try:
+            version = await ledger.open(auto_migrate=cfg.ledger.migrate == "auto")
+        except (SchemaTooOld, SchemaTooNew, StoreError) as exc:
+            log.error("ledger %s: %s", ledger.store.url, exc)
+            raise
+        log.info("ledger %s (schema version %d)", ledger.store.url, version)
+        if isinstance(limiter, MemoryLimiter):
+            # Budgets survive restarts: this month's usage from the ledger's aggregates.
+            try:
+                limiter.preload(await ledger.consumption(time.time()))
+            except StoreError as exc:
+                log.error("budgets not rebuilt from the ledger (%s): they start from zero", exc)
+        exporters = start_exporters(cfg, ledger, m)
         state = AppState(config=cfg, upstream=upstream, limiter=limiter, ledger=ledger, runs=runs,
-                         metrics=m, labels=ModelLabels(cfg.server.max_model_labels), health=health)
+                         metrics=m, labels=ModelLabels(cfg.server.max_model_labels), health=health,
+                         outage=outage)
         app.state.mp = state
         app.state.registry = registry
         self.proxy = ProxyRoute(state)
@@ -157,7 +182,11 @@ class MeterProxy:
             if not await ledger.drain(cfg.server.shutdown_grace_s or 5.0):
                 log.error("shutdown: %d usage records could not be written to the store",
                           ledger.backlog)
+            for exp in exporters:
+                await exp.close()
             await ledger.close(1.0)
+            if outage is not None:
+                await outage.close()
             await limiter.close()
             await upstream.close()
             for c in clients:

@@ -8,7 +8,6 @@ something failed (one line on stderr saying what and what to do) and 2 on a usag
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import os
 import secrets
@@ -18,7 +17,7 @@ import sys
 import tempfile
 from typing import Any
 
-from meterproxy import logs
+from meterproxy import ledger_cli, logs, usage_cli
 from meterproxy.auth import key_hash
 from meterproxy.config import Config, ConfigError, load_config, summary
 
@@ -156,12 +155,6 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _usage(args: argparse.Namespace) -> int:
-    from meterproxy.usage_cli import run_usage
-
-    return asyncio.run(run_usage(args))
-
-
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="meterproxy", description=__doc__,
@@ -196,20 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--chunk-delay-ms", type=float, default=0.0,
                    help="pause between streamed chunks, in milliseconds")
     m.set_defaults(fn=_simulate)
-    u = sub.add_parser("usage", help="print the usage ledger as a table", formatter_class=fmt,
-                       description="The usage ledger as a table (docs/api.md: GET /admin/usage). "
-                                   "Reads the store of --config directly, or asks a running proxy (--url).")
-    u.add_argument("--config", required=True, metavar="FILE", help="the proxy's config file")
-    u.add_argument("--user", help="only this user")
-    u.add_argument("--key", help="only this key id")
-    u.add_argument("--since", metavar="DATE", help="from this UTC day or time (YYYY-MM-DD or ISO 8601)")
-    u.add_argument("--until", metavar="DATE", help="up to and including this UTC day or time")
-    u.add_argument("--group-by", default="user,key,model",
-                   help="comma-separated: user, key, model, provider, day ('' for one total)")
-    u.add_argument("--url", help="a running proxy's URL, for the in-process store (default: from the config)")
-    u.add_argument("--admin-key", default=os.environ.get("METERPROXY_ADMIN_KEY"),
-                   help="admin key for --url (default: $METERPROXY_ADMIN_KEY)")
-    u.set_defaults(fn=_usage)
+    usage_cli.register(sub)    # usage, usage export
+    ledger_cli.register(sub)   # ledger migrate
     return p
 
 

@@ -82,7 +82,7 @@ class StoreConfig(_Model):
         if v is not None and not v.startswith(("redis://", "rediss://", "redis+cluster://", "unix://")):
             raise ValueError("must start with redis://, rediss://, redis+cluster:// or unix://")
         if v is not None and not v.startswith("redis+cluster://"):
-            from meterproxy.limits.wire import WireRedis  # parses only: no connection is opened
+            from meterproxy.store.wire import WireRedis  # parses only: no connection is opened
 
             try:
                 WireRedis(v)
@@ -90,6 +90,46 @@ class StoreConfig(_Model):
                 raise ValueError(f"cannot read a TLS file named in the URL: {exc}") from exc
             except ValueError as exc:  # an unknown option, a db that is not a number, ...
                 raise ValueError(str(exc)) from exc
+        return v
+
+
+class ExportConfig(_Model):
+    type: Literal["cloudevents"]
+    url: str
+    headers: dict[str, str] = {}
+    name: str | None = None            # cursor and metric label; default: the type
+    batch_size: int = Field(100, ge=1, le=10_000)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class LedgerConfig(_Model):
+    url: str | None = None             # omit: sqlite file meterproxy-ledger.db beside the config
+    retention_days: int = Field(400, ge=1)
+    migrate: Literal["auto", "manual"] = "auto"
+    export: list[ExportConfig] = []
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        from meterproxy.store.sql import SCHEMES
+
+        if v is not None and not v.startswith(SCHEMES):
+            raise ValueError(f"must start with {', '.join(SCHEMES)}")
+        return v
+
+    @field_validator("export")
+    @classmethod
+    def _names(cls, v: list[ExportConfig]) -> list[ExportConfig]:
+        names = [e.name or e.type for e in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"exporter names must be unique (set `name`): {', '.join(dup)}")
         return v
 
 
@@ -220,6 +260,7 @@ class KeyConfig(_Model):
 class RawConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     pricing: dict[str, PriceConfig] = {}
@@ -274,6 +315,20 @@ class Config:
     @property
     def store(self) -> StoreConfig:
         return self.raw.store
+
+    @property
+    def ledger(self) -> LedgerConfig:
+        return self.raw.ledger
+
+    @property
+    def ledger_url(self) -> str:
+        """ledger.url, or the default: meterproxy-ledger.db beside the config file (absolute)."""
+        return self.raw.ledger.url or f"sqlite://{self.config_dir / 'meterproxy-ledger.db'}"
+
+    @property
+    def config_dir(self) -> Path:
+        """The config file's folder (relative sqlite paths are relative to it)."""
+        return Path(self.source).resolve().parent if not self.source.startswith("<") else Path.cwd()
 
     def route(self, path: str) -> Provider | None:
         for prefix, provider in self.routes:
@@ -454,6 +509,8 @@ def summary(cfg: Config) -> str:
     lines = [f"config OK: {cfg.source}",
              f"  store: {'redis ' + _redact(r.store.url) if r.store.url else 'in-process'} "
              f"(on_error: {r.store.on_error})",
+             f"  ledger: {_redact(cfg.ledger_url)} (migrate: {r.ledger.migrate}, retention: "
+             f"{r.ledger.retention_days} days, exporters: {len(r.ledger.export)})",
              f"  providers: {len(r.providers)}"]
     lines += [f"    {n}: {p.base_url} paths={','.join(p.paths)}" for n, p in r.providers.items()]
     lines += [f"  priced models: {len(r.pricing)}"]

@@ -163,6 +163,8 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
     # Before settlement, the one await left: the access line cannot be lost to a store fault.
     logs.access(call.request_id, p, call.provider.name, call.model, status, usage.source, usage.prompt,
                 usage.completion, cost_nano, duration, len(call.body_bytes))
+    if call.adm is None and state.outage is not None:   # admitted while the store was down
+        state.outage.add(p.key_id, p.user, usage.total, cost_nano, time.time())
     if call.adm is not None:
         try:
             await state.limiter.settle(call.adm, usage.total, cost_nano)

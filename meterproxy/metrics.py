@@ -140,6 +140,15 @@ class Metrics:
             "meterproxy_unpriced_requests", "Metered requests whose model has no price (cost 0).",
             ["model"], registry=r,
         )
+        self.ledger_writes = Counter(
+            "meterproxy_ledger_writes", "Ledger batch writes by result (ok, error: retried).",
+            ["result"], registry=r,
+        )
+        # livemax: every worker exports from the same cursor; the largest figure is the truth.
+        self.export_pending = Gauge(
+            "meterproxy_export_pending", "Ledger records an exporter has not delivered yet.",
+            ["exporter"], multiprocess_mode="livemax", registry=r,
+        )
         self.config_reloads = Counter(
             "meterproxy_config_reloads", "Config reload attempts by result.",
             ["result"], registry=r,

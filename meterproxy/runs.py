@@ -14,9 +14,10 @@ from typing import Protocol
 
 from redis.asyncio import Redis, RedisCluster
 
-from meterproxy.limits import StoreError
-from meterproxy.limits.redis import CLIENT_FAILURES
-from meterproxy.limits.wire import WireRedis
+from meterproxy.store import store_errors
+from meterproxy.store.wire import WireRedis
+
+_REMEMBER, _OWNER, _CLAIM = store_errors("runs_remember"), store_errors("runs_owner"), store_errors("runs_claim")
 
 
 class RunRegistry(Protocol):
@@ -68,16 +69,12 @@ class RedisRuns:
         self._r = client
 
     async def remember(self, uid: str, key_id: str, user: str, ttl_s: float, model: str = "") -> None:
-        try:
+        with _REMEMBER:
             await self._r.set(f"mp:run:{{{uid}}}", f"{key_id}\n{user}\n{model}", px=int(ttl_s * 1000))
-        except CLIENT_FAILURES as exc:
-            raise StoreError("runs_remember", str(exc)) from exc
 
     async def owner(self, uid: str) -> tuple[str, str, str] | None:
-        try:
+        with _OWNER:
             raw = await self._r.get(f"mp:run:{{{uid}}}")
-        except CLIENT_FAILURES as exc:
-            raise StoreError("runs_owner", str(exc)) from exc
         if raw is None:
             return None
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -86,11 +83,9 @@ class RedisRuns:
         return key_id, user, model
 
     async def claim_metering(self, uid: str, ttl_s: float) -> bool:
-        try:
+        with _CLAIM:
             return bool(await self._r.set(f"mp:run:{{{uid}}}:metered", "1", nx=True,
                                           px=int(ttl_s * 1000)))
-        except CLIENT_FAILURES as exc:
-            raise StoreError("runs_claim", str(exc)) from exc
 
 
 def run_path_uid(poll_prefix: str, poll_suffix: str, path: str) -> tuple[str, bool] | None:

@@ -18,6 +18,7 @@ from meterproxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from meterproxy.ledger import Ledger
+    from meterproxy.limits.catchup import OutageUsage
 
 log = logging.getLogger("meterproxy")
 
@@ -52,5 +53,6 @@ class AppState:
     metrics: Metrics
     labels: ModelLabels
     health: StoreHealth
+    outage: OutageUsage | None = None   # usage served while Redis was down (on_error: open)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False

@@ -1,18 +1,157 @@
-"""`meterproxy usage`: the ledger as a table, read from Redis directly or from a running proxy."""
+"""`meterproxy usage` (the ledger as a table) and `meterproxy usage export` (records to stdout),
+both read from the ledger database named by the config (ledger.url; the default SQLite file
+beside it). Errors are one line on stderr: exit 1 for a failure, 2 for bad arguments."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import csv
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import orjson
 
-from meterproxy.admin import parse_when
 from meterproxy.errors import ProxyError
 
-_COLS = ("requests", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
-         "reasoning_tokens", "cost_usd")
+_COLS = ("requests", "prompt_tokens", "cached_prompt_tokens", "cache_write_tokens",
+         "completion_tokens", "reasoning_tokens", "cost_usd")
+PAGE = 1000
+
+
+class CliError(Exception):
+    """A one-line error for the user; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def register(sub: Any) -> None:
+    """Add `usage` and `usage export` to the CLI's subparsers."""
+    u = sub.add_parser("usage", help="print the usage ledger as a table (from the ledger database)")
+    u.add_argument("--config", help="config file naming the ledger (ledger.url); required")
+    u.add_argument("--user", help="only this user")
+    u.add_argument("--key", help="only this key id")
+    u.add_argument("--team", help="only this team")
+    u.add_argument("--model", help="only this model")
+    u.add_argument("--provider", help="only this provider")
+    u.add_argument("--since", help="start, inclusive: ISO date or datetime (UTC unless an offset is given)")
+    u.add_argument("--until", help="end: ISO datetime (exclusive) or date (that whole day included)")
+    u.add_argument("--group-by", default="user,key,model",
+                   help="comma-separated: user,key,team,model,provider,day (default user,key,model)")
+    u.set_defaults(fn=_sync(run_usage))
+    us = u.add_subparsers(dest="usage_cmd", required=False, metavar="{export}")
+    e = us.add_parser("export", help="write ledger records to stdout, oldest first, streamed")
+    e.add_argument("--config", required=True, help="config file naming the ledger (ledger.url)")
+    e.add_argument("--since", help="first record time, inclusive: ISO date or datetime")
+    e.add_argument("--until", help="end: ISO datetime (exclusive) or date (that whole day included)")
+    e.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                   help="jsonl: one record JSON per line (default); csv: a header, then one row each")
+    e.set_defaults(fn=_sync(run_export))
+
+
+def _sync(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            rc: int = asyncio.run(fn(args))
+            return rc
+        except CliError as exc:
+            print(f"meterproxy {args.cmd}: {exc}", file=sys.stderr)
+            return exc.code
+        except BrokenPipeError:   # `| head`: the reader left; nothing to report
+            return 0
+    return run
+
+
+@asynccontextmanager
+async def open_ledger(config_path: str | None, migrate: bool = False) -> AsyncIterator[Any]:
+    """(store, schema version) of a config's ledger, schema checked (or, with migrate, brought up
+    to date)."""
+    from meterproxy.config import ConfigError, load_config
+    from meterproxy.ledger import SchemaTooNew, SchemaTooOld, open_ledger_store
+    from meterproxy.store import StoreError
+    from meterproxy.store.sql import redact, sqlite_path
+
+    if not config_path:
+        raise CliError("--config FILE is required", 2)
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise CliError(f"{config_path}: " + "; ".join(exc.errors)) from exc
+    url = cfg.ledger_url
+    if not migrate and url.startswith("sqlite://") and not sqlite_path(url, cfg.config_dir).exists():
+        raise CliError(f"no ledger at {sqlite_path(url, cfg.config_dir)} (nothing recorded yet)")
+    store = open_ledger_store(url, cfg.config_dir)
+    try:
+        try:
+            version = await store.migrate(auto=migrate)
+        except (SchemaTooOld, SchemaTooNew) as exc:
+            raise CliError(str(exc)) from exc
+        yield store, version
+    except StoreError as exc:
+        raise CliError(f"ledger {redact(url)}: {exc}") from exc
+    finally:
+        await store.close()
+
+
+async def run_usage(args: argparse.Namespace) -> int:
+    from meterproxy.admin import parse_when
+    from meterproxy.ledger.query import run_query
+
+    group_by = [g for g in args.group_by.split(",") if g]
+    try:
+        since, until = parse_when(args.since, "since"), parse_when(args.until, "until", end=True)
+    except ProxyError as err:
+        raise CliError(err.message, 2) from err
+    async with open_ledger(args.config) as (store, _):
+        try:
+            result = await run_query(
+                store, filters={"user": args.user, "key": args.key, "team": args.team,
+                                "model": args.model, "provider": args.provider},
+                since=since, until=until, group_by=group_by)
+        except ValueError as exc:
+            raise CliError(str(exc), 2) from exc
+    print(format_table(result))
+    return 0
+
+
+async def run_export(args: argparse.Namespace) -> int:
+    from meterproxy.admin import parse_when
+    from meterproxy.ledger.query import instant
+    from meterproxy.ledger.record import record_json
+
+    try:
+        since = parse_when(args.since, "since")
+        until = parse_when(args.until, "until", end=True)
+        start = None if since is None else instant(since, end=False)
+        end = None if until is None else instant(until, end=True)
+    except ProxyError as err:
+        raise CliError(err.message, 2) from err
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from exc
+    out = sys.stdout
+    writer: Any = None
+    async with open_ledger(args.config) as (store, _):
+        after = 0
+        while True:   # keyset pages: memory stays one page whatever the range
+            page = await store.records(after, PAGE, start, end)
+            if not page:
+                break
+            for rid, rec in page:
+                row = record_json(rid, rec)
+                if args.format == "jsonl":
+                    out.write(orjson.dumps(row).decode() + "\n")
+                else:
+                    if writer is None:
+                        writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
+                        writer.writeheader()
+                    writer.writerow({**row, "tags": orjson.dumps(row["tags"]).decode()})
+            out.flush()
+            after = page[-1][0]
+    return 0
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -35,46 +174,3 @@ def format_table(result: dict[str, Any]) -> str:
 def _fmt(row: dict[str, Any], col: str) -> str:
     v = row.get(col, 0)
     return f"{v:.6f}" if col == "cost_usd" else str(v)
-
-
-async def run_usage(args: argparse.Namespace) -> int:
-    from meterproxy.cli import load_or_report
-
-    cfg = load_or_report(args.config)
-    if cfg is None:
-        return 1
-    group_by = [g for g in args.group_by.split(",") if g]
-    try:
-        if cfg.store.url and not args.url:
-            from meterproxy.ledger import Ledger, redis_store
-            from meterproxy.limits.redis import make_redispy_client
-
-            client = make_redispy_client(cfg.store.url, 5.0, retries=1)  # reads only
-            ledger = Ledger(redis_store(client))
-            try:
-                result = await ledger.query(
-                    user=args.user, key=args.key, model=None, provider=None,
-                    since=parse_when(args.since, "since"),
-                    until=parse_when(args.until, "until", end=True), group_by=group_by)
-            finally:
-                await client.aclose()
-        else:
-            url = args.url or f"http://{cfg.server.host}:{cfg.server.port}"
-            if not args.admin_key:
-                print("the in-process store lives in the proxy: pass --admin-key (or set "
-                      "METERPROXY_ADMIN_KEY) to read it from the running proxy", file=sys.stderr)
-                return 1
-            params = {k: v for k, v in {"user": args.user, "key": args.key, "since": args.since,
-                                        "until": args.until, "group_by": ",".join(group_by)}.items() if v}
-            async with httpx.AsyncClient(timeout=30) as http:
-                r = await http.get(f"{url}/admin/usage", params=params,
-                                   headers={"Authorization": f"Bearer {args.admin_key}"})
-            if r.status_code != 200:
-                print(f"{url}: HTTP {r.status_code}: {r.text}", file=sys.stderr)
-                return 1
-            result = r.json()
-    except ProxyError as err:
-        print(err.message, file=sys.stderr)
-        return 1
-    print(format_table(result))
-    return 0

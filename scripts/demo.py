@@ -114,6 +114,9 @@ PY
   curl -s {base}/usage -H 'Authorization: Bearer {DEMO_KEY}'
   curl -s '{base}/admin/usage?group_by=user,model' -H 'Authorization: Bearer mp-demo-admin'
   curl -s {base}/metrics | grep meterproxy_tokens_total
+  {sys.executable} -m meterproxy usage --config policies/demo.yaml --group-by user,model
+
+The ledger is .demo/ledger.db (SQLite): usage and monthly budgets survive a restart of the demo.
 
 The `meterproxy` command is in the project's virtualenv: in another shell, from {ROOT},
   . {venv.relative_to(ROOT) if venv.is_relative_to(ROOT) else venv}/activate    # then: meterproxy --help

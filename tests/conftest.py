@@ -1,12 +1,14 @@
-"""Shared fixtures: a real redis-server per session, flushed between tests; both stores."""
+"""Shared fixtures: a real redis-server and a real PostgreSQL per session (a fresh database per
+test, a Redis flushed between tests); every limiter and ledger backend."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.procs import RedisServer
+from tests.procs import PostgresServer, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -39,4 +41,28 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
     if request.param == "memory":
         return None
     url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture()
+def pg_url(pg_server: PostgresServer) -> str:
+    """URL of a fresh, empty database on the session's real PostgreSQL."""
+    return pg_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test once per ledger backend: a SQLite file in a temp dir, a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'ledger.db'}"
+    url: str = request.getfixturevalue("pg_url")
     return url

@@ -35,6 +35,8 @@ SPEC_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "meterproxy_usage_backlog": ("gauge", ()),
     "meterproxy_unpriced_requests_total": ("counter", ("model",)),
     "meterproxy_config_reloads_total": ("counter", ("result",)),
+    "meterproxy_ledger_writes_total": ("counter", ("result",)),
+    "meterproxy_export_pending": ("gauge", ("exporter",)),
 }
 
 #: Dashboard template variables; each has All = `.*`, used when `values` leaves one out.

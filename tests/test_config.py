@@ -17,6 +17,12 @@ from meterproxy.reload import Reloader
 FIX = Path(__file__).parent / "fixtures" / "config"
 
 EXPECTED = {
+    "bad_ledger_url.yaml": ["ledger.url: must start with sqlite://, postgresql://, postgres://"],
+    "bad_ledger_migrate.yaml": ["ledger.retention_days: Input should be greater than or equal to 1",
+                                "ledger.migrate: Input should be 'auto' or 'manual'"],
+    "bad_ledger_export.yaml": ["ledger.export.2.type: Input should be 'cloudevents'",
+                               "ledger.export.2.url: must start with http:// or https://"],
+    "bad_ledger_dup.yaml": ["ledger.export: exporter names must be unique (set `name`): cloudevents"],
     "bad_limits.yaml": ["plans.free.rpm: Input should be greater than or equal to 0",
                         "plans.free.tpm: Input should be a valid integer, unable to parse string as an integer"],
     "bad_client_limits.yaml": ["server.max_header_bytes: Input should be greater than or equal to 1024",

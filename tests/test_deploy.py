@@ -77,7 +77,7 @@ def test_alerts_cover_the_brief_and_use_spec_metrics() -> None:
 
 def test_compose_services() -> None:
     services = _compose()["services"]
-    assert set(services) == {"proxy", "redis", "prometheus", "grafana"}
+    assert set(services) == {"proxy", "redis", "postgres", "prometheus", "grafana"}
 
     proxy = services["proxy"]
     assert proxy["build"]["context"] == ".."
@@ -90,6 +90,12 @@ def test_compose_services() -> None:
     assert ["../policies", "/etc/meterproxy/policies", "ro"] in mounts
     assert any(m[-2] == "/etc/meterproxy/config.yaml" for m in mounts)
     assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert proxy["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+    pg = services["postgres"]
+    assert pg["image"].startswith("postgres:")
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in pg["volumes"])
+    assert "pg_isready" in pg["healthcheck"]["test"]
 
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
@@ -148,7 +154,9 @@ def test_compose_config_is_valid_for_the_proxy() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cfg = yaml.safe_load((DEPLOY / "config.yaml").read_text())
-    assert cfg["store"]["url"] == "redis://redis:6379/0"  # the compose service
+    assert cfg["store"]["url"] == "redis://redis:6379/0"  # the compose services
+    assert cfg["ledger"]["url"].startswith("postgresql://meterproxy:${POSTGRES_PASSWORD}@postgres:5432/")
+    assert "ledger: postgresql://meterproxy:***@postgres:5432/meterproxy" in proc.stdout   # password hidden
 
 
 def test_budget_series_mirror_the_config() -> None:

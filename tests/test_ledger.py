@@ -1,25 +1,30 @@
-"""One contract test class for the ledger, run over the memory and the Redis store."""
+"""One contract test class for the ledger, run over SQLite (a temp file) and PostgreSQL (a fresh
+database on the suite's real server)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
-from meterproxy.ledger import GROUP_FIELDS, Ledger, UsageRecord, memory_store, redis_store
+from meterproxy.ledger import GROUP_FIELDS, LATEST, Ledger, SchemaTooOld, UsageRecord, open_ledger_store
+from meterproxy.store import StoreError
+from tests.procs import PostgresServer
 
 D0 = datetime(2026, 11, 29, tzinfo=UTC).timestamp()   # three days spanning a month boundary
 DAY = 86_400.0
 USERS = {"alice": ["alice-laptop", "alice-ci"], "bob": ["bob-1"], "c|{x}%": ["c:k|1"]}
+TEAMS = {"alice": "ml", "bob": "", "c|{x}%": "ops"}
 MODELS = [("openai", "gpt-5.4"), ("vendorx", "openai/gpt-4o"), ("vendorx", "anthropic/x")]
-COUNTERS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens",
-            "cost_nano")
+COUNTERS = ("prompt_tokens", "cached_prompt_tokens", "cache_write_tokens", "completion_tokens",
+            "reasoning_tokens", "cost_nano")
 
 
 def make(i: int, t: float, user: str = "alice", key: str = "alice-laptop",
@@ -28,7 +33,8 @@ def make(i: int, t: float, user: str = "alice", key: str = "alice-laptop",
         request_id=f"req-{i}", time=t, key=key, user=user, provider=provider, model=model,
         status=200, source="provider" if i % 3 else "estimated", duration_ms=10 + i,
         prompt_tokens=100 * n + i, cached_prompt_tokens=i % 50, completion_tokens=7 * n + i,
-        reasoning_tokens=i % 5, cost_nano=1_234_567 * n + i,
+        reasoning_tokens=i % 5, cost_nano=1_234_567 * n + i, uid=f"uid-{i}", team=TEAMS.get(user, ""),
+        cache_write_tokens=i % 7,
     )
 
 
@@ -45,7 +51,7 @@ def dataset(n: int = 240, seed: int = 7) -> list[UsageRecord]:
 
 
 def dims(r: UsageRecord) -> dict[str, str]:
-    return {"user": r.user, "key": r.key, "model": r.model, "provider": r.provider,
+    return {"user": r.user, "key": r.key, "team": r.team, "model": r.model, "provider": r.provider,
             "day": datetime.fromtimestamp(r.time, UTC).date().isoformat()}
 
 
@@ -66,19 +72,12 @@ def expected(recs: list[UsageRecord], group_by: list[str]) -> dict[str, Any]:
     return {"group_by": group_by, "rows": rows, "total": usage(recs)}
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
-    client = None
-    if request.param == "redis":
-        client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
-        led = Ledger(redis_store(client))
-    else:
-        led = Ledger(memory_store())
-    await led.start()
+@pytest.fixture()
+async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
+    led = Ledger(open_ledger_store(ledger_url))
+    await led.open(maintain=False)
     yield led
     await led.close(timeout=1)
-    if client is not None:
-        await client.aclose()
 
 
 async def fill(ledger: Ledger, recs: list[UsageRecord]) -> None:
@@ -103,6 +102,7 @@ class TestLedgerContract:
         cases: list[dict[str, str]] = [
             {"user": "alice"}, {"user": "c|{x}%"}, {"key": "alice-ci"}, {"model": "openai/gpt-4o"},
             {"provider": "vendorx"}, {"user": "bob", "model": "gpt-5.4"}, {"user": "nobody"},
+            {"team": "ml"}, {"team": ""},
         ]
         for f in cases:
             want = [r for r in recs if all(dims(r)[k] == v for k, v in f.items())]
@@ -160,24 +160,29 @@ class TestLedgerContract:
                 assert page["next_since_id"] == since
                 break
             since = page["next_since_id"]
-        ids = [tuple(map(int, r["id"].split("-"))) for r in seen]
+        ids = [int(r["id"]) for r in seen]
         assert ids == sorted(ids) and len(set(ids)) == len(ids) == 101
         by_rid = {r.request_id: r for r in recs}
         assert sorted(r["request_id"] for r in seen) == sorted(by_rid)
         for r in seen:
             src = by_rid[r["request_id"]]
-            assert int(r["id"].split("-")[0]) >= int(src.time * 1000)   # id never before time
             assert r["time"] == src.time and r["user"] == src.user and r["key"] == src.key
             assert r["cost_nano"] == src.cost_nano and r["cost_usd"] == src.cost_nano / 1e9
-            assert (r["status"], r["source"], r["duration_ms"]) == (
-                src.status, src.source, src.duration_ms)
+            assert (r["status"], r["source"], r["duration_ms"], r["team"], r["cache_write_tokens"]) == (
+                src.status, src.source, src.duration_ms, src.team, src.cache_write_tokens)
+            assert r["tags"] == {} and r["provider_cost_usd"] is None
 
     async def test_records_validation(self, ledger: Ledger) -> None:
         with pytest.raises(ValueError):
             await ledger.records("not-an-id", 10)
         with pytest.raises(ValueError):
             await ledger.query(group_by=["user", "colour"])
-        assert await ledger.records(None, 10) == {"records": [], "next_since_id": "0-0"}
+        for bad in ("-1", "1-0", "9223372036854775808", "99999999999999999999", "\uff11"):
+            with pytest.raises(ValueError):
+                await ledger.records(bad, 10)
+        assert await ledger.records(None, 10) == {"records": [], "next_since_id": "0"}
+        assert await ledger.records("9223372036854775807", 10) == {
+            "records": [], "next_since_id": "9223372036854775807"}
 
     async def test_summary_windows(self, ledger: Ledger) -> None:
         dec1 = D0 + 2 * DAY
@@ -206,7 +211,8 @@ class TestLedgerContract:
 
     async def test_dedupe_uses_uid_when_given(self, ledger: Ledger) -> None:
         # A client may reuse x-request-id: distinct uids are distinct requests.
-        a, b = make(1, D0 + 10), make(1, D0 + 20)
+        a, b = make(1, D0 + 10), make(2, D0 + 20)
+        b = replace(b, request_id=a.request_id)
         a, b = replace(a, uid="u-a"), replace(b, uid="u-b")
         await fill(ledger, [a, b, a])
         assert (await ledger.query())["total"] == usage([a, b])
@@ -229,16 +235,157 @@ class TestLedgerContract:
         assert total["cost_usd"] == 199 * 100_000_001 / 1e9
 
 
-async def test_backlog_drops_are_reported_as_store_errors() -> None:
+
+    async def test_new_fields_round_trip(self, ledger: Ledger) -> None:
+        rec = replace(make(1, D0 + 10), provider_cost_nano=1_500_000_000, tags=(("env", "prod"), ("p", "x")),
+                      team="ml", cache_write_tokens=33)
+        await fill(ledger, [rec])
+        r = (await ledger.records(None, 10))["records"][0]
+        assert r["provider_cost_usd"] == 1.5 and r["tags"] == {"env": "prod", "p": "x"}
+        assert r["team"] == "ml" and r["cache_write_tokens"] == 33
+        got = await ledger.query(group_by=["team"])
+        assert got["rows"][0]["team"] == "ml" and got["total"]["cache_write_tokens"] == 33
+
+    async def test_dates_out_of_range_are_value_errors(self, ledger: Ledger) -> None:
+        # issue 14: these answered 500 on /admin/usage; the endpoint maps ValueError to 400
+        for kw in ({"until": date(9999, 12, 31)}, {"since": datetime(1, 1, 1, 0, 0, 1)},
+                   {"since": date(1, 1, 1)}):
+            with pytest.raises(ValueError):
+                await ledger.query(**kw)  # type: ignore[arg-type]
+
+    async def test_retention_deletes_old_records_keeps_aggregates(self, ledger: Ledger) -> None:
+        old = [make(i, D0 - 500 * DAY + i) for i in range(1, 2100)]   # > 2 retention batches
+        new = [make(i, D0 + i) for i in range(3000, 3010)]
+        await fill(ledger, old + new)
+        deleted = await ledger.store.maintain(D0 + DAY, 400)
+        assert deleted == len(old)
+        page = await ledger.records(None, 10_000)
+        assert sorted(r["request_id"] for r in page["records"]) == sorted(r.request_id for r in new)
+        assert (await ledger.query())["total"] == usage(old + new)   # daily aggregates are kept
+
+    async def test_export_cursor_only_moves_forward(self, ledger: Ledger) -> None:
+        assert await ledger.store.cursor("ce") == 0
+        await ledger.store.set_cursor("ce", 7)
+        await ledger.store.set_cursor("ce", 5)   # a slower exporter elsewhere: never back
+        assert await ledger.store.cursor("ce") == 7 and await ledger.store.cursor("other") == 0
+
+    async def test_one_exporter_lease_holder_at_a_time(self, ledger: Ledger, ledger_url: str) -> None:
+        other = open_ledger_store(ledger_url)   # another process (or proxy) on the same ledger
+        try:
+            assert await ledger.store.exporter_lease("ce")
+            assert await ledger.store.exporter_lease("ce")      # held: still ours
+            assert not await other.exporter_lease("ce")
+            assert await other.exporter_lease("other-exporter")
+            await ledger.store.close()                          # the holder goes away
+            assert await other.exporter_lease("ce")
+        finally:
+            await other.close()
+
+    async def test_reopen_keeps_everything(self, ledger: Ledger, ledger_url: str) -> None:
+        recs = dataset(50)
+        await fill(ledger, recs)
+        again = Ledger(open_ledger_store(ledger_url))
+        assert await again.open(maintain=False) == LATEST
+        try:
+            assert await again.query(group_by=["user"]) == expected(recs, ["user"])
+        finally:
+            await again.close(1)
+
+
+async def test_schema_upgrade_from_v1(ledger_url: str) -> None:
+    """A ledger created by the previous schema version (1) with records in it is upgraded in place
+    (to 2: export cursors) by `open`; with migrate: manual it is refused, naming the command."""
+    store = open_ledger_store(ledger_url)
+    assert await store.migrate(target=1) == 1
+    recs = dataset(30)
+    assert await store.write(recs) == 30
+    with pytest.raises(SchemaTooOld, match="meterproxy ledger migrate --config"):
+        await store.migrate(auto=False)
+    await store.close()
+    led = Ledger(open_ledger_store(ledger_url))
+    with pytest.raises(SchemaTooOld):
+        await led.open(auto_migrate=False, maintain=False)
+    assert await led.open(maintain=False) == LATEST == 2
+    try:
+        assert await led.query(group_by=["day"]) == expected(recs, ["day"])
+        await led.store.set_cursor("ce", 3)   # the v2 table exists
+        assert await led.store.cursor("ce") == 3
+        assert await led.store.write(recs) == 0   # still idempotent after the upgrade
+    finally:
+        await led.close(1)
+
+
+async def test_backlog_drops_are_reported_as_store_errors(tmp_path: Any) -> None:
     """Records dropped at the backlog cap are lost usage: each one is reported to on_store_error as
     "ledger_drop" (-> meterproxy_store_errors_total{operation="ledger_drop"}, which pages)."""
     ops: list[str] = []
-    ledger = Ledger(memory_store(), max_backlog=3, on_store_error=ops.append)
+    writes: list[str] = []
+    ledger = Ledger(open_ledger_store(f"sqlite://{tmp_path}/l.db"), max_backlog=3,
+                    on_store_error=ops.append, on_write=writes.append)
     for i in range(7):      # the writer is not started: everything queues
         ledger.submit(make(i, D0 + i))
     assert ledger.dropped == 4 and ops == ["ledger_drop"] * 4
-    await ledger.start()
+    await ledger.open(maintain=False)
     assert await ledger.drain(5)
     assert [r["request_id"] for r in (await ledger.records(None, 10))["records"]] == \
         [make(i, D0 + i).request_id for i in range(4, 7)]
+    assert writes and set(writes) == {"ok"}
     await ledger.close(1)
+
+
+async def test_sqlite_commits_within_a_second(tmp_path: Any) -> None:
+    """SPEC: a record is committed within a second of its response — visible to another connection
+    (another process: `meterproxy usage`, a second worker) without any flush or shutdown."""
+    import sqlite3
+
+    ledger = Ledger(open_ledger_store(f"sqlite://{tmp_path}/l.db"))
+    await ledger.open(maintain=False)
+    try:
+        for i in range(5):
+            t0 = time.monotonic()
+            ledger.submit(make(i, D0 + i))
+            while True:
+                db = sqlite3.connect(tmp_path / "l.db")
+                n = db.execute("SELECT count(*) FROM records").fetchone()[0]
+                db.close()
+                if n == i + 1:
+                    break
+                assert time.monotonic() - t0 < 1.0
+                await asyncio.sleep(0.01)
+    finally:
+        await ledger.close(1)
+
+
+async def test_postgres_partitions_ahead_and_readiness(tmp_path: Any) -> None:
+    """maintain() creates this month's and the next two months' partitions; a stopped server makes
+    ready() fail (/readyz 503) and writes queue; they land once it is back, exactly once."""
+    pg = PostgresServer().start()
+    try:
+        url = pg.new_database()
+        ledger = Ledger(open_ledger_store(url))
+        await ledger.open(maintain=False)
+        now = datetime(2026, 12, 15, tzinfo=UTC).timestamp()
+        await ledger.store.maintain(now, 400)
+        import asyncpg
+
+        con = await asyncpg.connect(url)
+        names = {r[0] for r in await con.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid")}
+        await con.close()
+        assert {"records_y2026m12", "records_y2027m01", "records_y2027m02"} <= names
+        await ledger.ready()
+        pg.stop("immediate")
+        with pytest.raises(StoreError):
+            await ledger.ready()
+        recs = [make(i, D0 + i) for i in range(20)]
+        for r in recs:
+            ledger.submit(r)
+        await asyncio.sleep(0.3)
+        assert ledger.backlog == 20
+        pg.start()
+        assert await ledger.drain(15)
+        await ledger.ready()
+        assert (await ledger.query())["total"] == usage(recs)
+        await ledger.close(1)
+    finally:
+        pg.cleanup()

@@ -229,3 +229,16 @@ async def test_cluster_noscript_reload(cluster: list[RedisServer]) -> None:
         assert not d.allowed and d.limit == "requests"
     finally:
         await lim.close()
+
+
+async def test_programming_error_is_not_a_store_outage(limiter: RedisLimiter,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the uvloop "handler is closed" RuntimeError is an outage; any other RuntimeError is a
+    bug and must surface as itself (a StoreError would hide it behind on_error: open)."""
+    async def bug(*_: object, **__: object) -> None:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    monkeypatch.setattr(limiter.client, "execute_command", bug)
+    with pytest.raises(RuntimeError, match="dictionary changed") as err:
+        await limiter.admit(adm(0, Limits(rpm=5)))
+    assert not isinstance(err.value, StoreError)

@@ -35,6 +35,8 @@ def _touch_all(m: Metrics) -> None:
     m.store_errors.labels(operation="admit").inc()
     m.backlog.set(4)
     m.config_reloads.labels(result="ok").inc()
+    m.ledger_writes.labels(result="ok").inc()
+    m.export_pending.labels(exporter="cloudevents").set(3)
 
 
 def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:

@@ -1,4 +1,4 @@
-"""WireRedis (meterproxy/limits/wire.py) against a real redis-server: pipelining, errors, AUTH and
+"""WireRedis (meterproxy/store/wire.py) against a real redis-server: pipelining, errors, AUTH and
 SELECT, TLS, timeouts on a hung server, a killed server, cancelled callers, uvloop."""
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from meterproxy.ledger import Ledger, redis_store
-from meterproxy.limits.redis import make_redis_client
-from meterproxy.limits.wire import WireRedis
+from meterproxy.store.wire import WireRedis
 from tests.procs import RedisServer, free_port
-from tests.test_ledger import dataset, expected
 
 
 @pytest.fixture()
@@ -324,40 +321,6 @@ async def test_close_fails_pending_and_later_commands_reconnect(wire: WireRedis)
     assert await wire.ping()
     await wire.aclose()
     await wire.aclose()   # idempotent
-
-
-async def test_ledger_writes_through_wire_across_an_outage() -> None:
-    """redis_store(make_redis_client(...)) as the app builds it: batches on WireRedis (NOSCRIPT
-    after the restart reloads and resends), reads on the store's own redis-py client, whose
-    pooled connection the restart closed (found by tests/e2e/test_reliability.py)."""
-    s = RedisServer(extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
-    writer = make_redis_client(s.url, 1.0)
-    assert isinstance(writer, WireRedis)
-    errors: list[str] = []
-    ledger = Ledger(redis_store(writer), batch_size=20, on_store_error=errors.append)
-    try:
-        await ledger.start()
-        recs = dataset(200)
-        for r in recs[:100]:
-            ledger.submit(r)
-        assert await ledger.drain(10)
-        assert (await ledger.query())["total"]["requests"] == 100   # a pooled read connection
-        s.stop()
-        for r in recs[100:]:
-            ledger.submit(r)
-        deadline = time.monotonic() + 10
-        while len(errors) < 3:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        assert set(errors) == {"ledger_write"} and ledger.backlog == 100
-        s.start()   # data kept (AOF), script cache empty
-        assert await ledger.drain(15)
-        # the first read after the restart succeeds (the reader redials its stale connection)
-        assert await ledger.query(group_by=["user", "day"]) == expected(recs, ["user", "day"])
-    finally:
-        await ledger.close(1)
-        await writer.aclose()
-        s.cleanup()
 
 
 def test_on_uvloop() -> None:

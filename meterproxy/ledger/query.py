@@ -1,31 +1,26 @@
-"""Admin usage queries and the /usage summary, over any LedgerStore.
+"""Admin usage queries, the /usage summary and the budget rebuild, over any LedgerStore.
 
-A time range is split into whole UTC days, answered from the day aggregates, and at most two
-partial days (a `since` or `until` with a time of day), answered from the records themselves —
-so sub-day precision is bounded by the records' retention (the capped stream), whole days are
-not.
+A time range is split into whole UTC days, answered from the daily aggregates, and at most two
+partial days (a `since` or `until` with a time of day), answered from the records of those hours
+(an index range on `time`) — so sub-day precision is bounded by the records' retention, whole
+days are not. Grouping and filtering run in SQL; rows of the two sources are merged here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from meterproxy.ledger.record import (
-    DAY_S,
-    Cell,
-    LedgerStore,
-    Totals,
-    UsageJSON,
-    UsageRecord,
-    day_num,
-    day_str,
-    month_str,
-)
+from meterproxy.ledger.record import DAY_S, Totals, UsageJSON, day_num, day_str, month_first_day
+from meterproxy.ledger.store import LedgerStore
 
-GROUP_FIELDS = ("user", "key", "model", "provider", "day")
+GROUP_FIELDS = ("user", "key", "team", "model", "provider", "day")
+# Instants outside these bounds are refused (400): years 1..9999 do not fit an epoch day range
+# every backend and datetime arithmetic can hold at both ends.
+MIN_T = datetime(1970, 1, 1, tzinfo=UTC).timestamp()
+MAX_T = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
 _LAST_US = time(23, 59, 59, 999_999)
 
 
@@ -39,26 +34,32 @@ class Plan:
     partials: list[tuple[float, float]] = field(default_factory=list)
 
 
-def _instant(d: date | datetime, *, end: bool) -> float:
+def instant(d: date | datetime, *, end: bool) -> float:
     """Epoch seconds of a bound. A plain date means its whole UTC day: since = its start,
     until = the end of that day (so until=2026-11-30 includes the 30th). A datetime is an
     instant (naive means UTC); until is exclusive, except that an until of 23:59:59.999999 is
     read as the end of that day, so the common "inclusive end of day" idiom stays a whole day
     (answered from the aggregates) rather than a partial one."""
-    if not isinstance(d, datetime):
-        d = datetime.combine(d + timedelta(days=1) if end else d, time(), UTC)
-    elif d.tzinfo is None:
-        d = d.replace(tzinfo=UTC)
-    d = d.astimezone(UTC)
-    if end and d.time() == _LAST_US:
-        d += timedelta(microseconds=1)
-    return d.timestamp()
+    try:
+        if not isinstance(d, datetime):
+            d = datetime.combine(d + timedelta(days=1) if end else d, time(), UTC)
+        elif d.tzinfo is None:
+            d = d.replace(tzinfo=UTC)
+        d = d.astimezone(UTC)
+        if end and d.time() == _LAST_US:
+            d += timedelta(microseconds=1)
+        t = d.timestamp()
+    except (OverflowError, ValueError) as exc:   # 9999-12-31 + 1 day, 0001-01-01 at +01:00
+        raise ValueError("date out of range (1970-01-01 .. 9998-12-31)") from exc
+    if not MIN_T <= t <= MAX_T:
+        raise ValueError("date out of range (1970-01-01 .. 9998-12-31)")
+    return t
 
 
 def plan(since: date | datetime | None, until: date | datetime | None) -> Plan:
     """Split [since, until) into whole days and partial-day ranges."""
-    s = None if since is None else _instant(since, end=False)
-    u = None if until is None else _instant(until, end=True)
+    s = None if since is None else instant(since, end=False)
+    u = None if until is None else instant(until, end=True)
     p = Plan()
     if s is not None and u is not None and u <= s:
         p.whole_days = False
@@ -82,60 +83,56 @@ def plan(since: date | datetime | None, until: date | datetime | None) -> Plan:
     return p
 
 
-def _rec_cells(recs: Iterable[UsageRecord]) -> list[Cell]:
-    return [Cell(r.user, r.key, r.provider, r.model, day_str(day_num(r.time)), Totals.of(r))
-            for r in recs]
+def _key(row: tuple[Any, ...], group_by: Sequence[str]) -> tuple[str, ...]:
+    return tuple(day_str(int(v)) if g == "day" else str(v) for g, v in zip(group_by, row, strict=False))
 
 
-def _dim(c: Cell, name: str) -> str:
-    return c.period if name == "day" else str(getattr(c, name))
-
-
-def group(cells: Iterable[Cell], group_by: Sequence[str],
-          filters: dict[str, str | None]) -> dict[str, Any]:
-    """Filter cells, group them by `group_by` and sum: the /admin/usage body."""
-    rows: dict[tuple[str, ...], Totals] = {}
-    total = Totals()
-    for c in cells:
-        if any(v is not None and getattr(c, f) != v for f, v in filters.items()):
-            continue
-        rows.setdefault(tuple(_dim(c, g) for g in group_by), Totals()).add(c.totals)
-        total.add(c.totals)
-    out_rows = [{**dict(zip(group_by, k, strict=True)), **t.json()}
-                for k, t in sorted(rows.items())]
-    return {"group_by": list(group_by), "rows": out_rows, "total": total.json()}
-
-
-async def run_query(store: LedgerStore, *, user: str | None, key: str | None,
-                    model: str | None, provider: str | None, since: date | datetime | None,
-                    until: date | datetime | None, group_by: Sequence[str]) -> dict[str, Any]:
-    """GET /admin/usage: totals over the range, filtered and grouped (rows sorted by group)."""
+async def run_query(store: LedgerStore, *, filters: dict[str, str | None],
+                    since: date | datetime | None, until: date | datetime | None,
+                    group_by: Sequence[str]) -> dict[str, Any]:
+    """GET /admin/usage: totals over the range, filtered and grouped (rows sorted by group).
+    Raises ValueError for an unknown group_by field or a date out of range."""
     bad = [g for g in group_by if g not in GROUP_FIELDS]
     if bad:
         raise ValueError(f"group_by: unknown field(s) {', '.join(bad)}; "
                          f"allowed: {', '.join(GROUP_FIELDS)}")
     group_by = list(dict.fromkeys(group_by))
     p = plan(since, until)
-    cells: list[Cell] = []
+    rows: list[tuple[Any, ...]] = []
     if p.whole_days:
-        cells += await store.day_cells(user, p.first, p.last)
+        rows += await store.aggregate(group_by, filters, p.first, p.last)
     for start, end in p.partials:
-        cells += _rec_cells(await store.scan(start, end))
-    filters = {"user": user, "key": key, "model": model, "provider": provider}
-    return group(cells, group_by, filters)
+        rows += await store.aggregate_records(group_by, filters, start, end)
+    n = len(group_by)
+    merged: dict[tuple[str, ...], Totals] = {}
+    total = Totals()
+    for row in rows:
+        if not row[n]:   # SUM over no rows: one row of NULLs
+            continue
+        t = merged.setdefault(_key(row, group_by), Totals())
+        t.add_values(row[n:])
+        total.add_values(row[n:])
+    out_rows = [{**dict(zip(group_by, k, strict=True)), **t.json()} for k, t in sorted(merged.items())]
+    return {"group_by": group_by, "rows": out_rows, "total": total.json()}
 
 
 async def summary(store: LedgerStore, key: str, user: str, now: float) -> dict[str, UsageJSON]:
     """GET /usage windows: the key's and the user's usage today and this month (UTC)."""
-    day_cells, month_cells = await store.period_cells(
-        user, [day_str(day_num(now)), month_str(now)])
+    today = day_num(now)
+    first = month_first_day(today)
+    rows = await store.aggregate(["day", "key"], {"user": user}, first, month_first_day(first + 31) - 1)
+    out = {w: Totals() for w in ("day", "month", "user_day", "user_month")}
+    for day, k, *counters in rows:
+        for w in ("month", "user_month", "day", "user_day"):
+            if (w.startswith("user") or k == key) and (w.endswith("month") or int(day) == today):
+                out[w].add_values(counters)
+    return {w: t.json() for w, t in out.items()}
 
-    def total(cells: list[Cell], only_key: str | None) -> UsageJSON:
-        t = Totals()
-        for c in cells:
-            if only_key is None or c.key == only_key:
-                t.add(c.totals)
-        return t.json()
 
-    return {"day": total(day_cells, key), "month": total(month_cells, key),
-            "user_day": total(day_cells, None), "user_month": total(month_cells, None)}
+async def consumption(store: LedgerStore, now: float) -> list[tuple[str, str, int, int, int]]:
+    """This month's usage per (user, key, day): (user, key, day, tokens, cost_nano), for the
+    in-process limiter's budgets at start."""
+    first = month_first_day(day_num(now))
+    rows = await store.aggregate(["user", "key", "day"], {}, first, month_first_day(first + 31) - 1)
+    # counters: requests, prompt, cached, cache_write, completion, reasoning, cost
+    return [(u, k, int(d), int(c[1]) + int(c[4]), int(c[6])) for u, k, d, *c in rows]

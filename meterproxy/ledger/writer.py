@@ -18,7 +18,8 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from meterproxy.ledger.record import LedgerStore, UsageRecord
+from meterproxy.ledger.record import UsageRecord
+from meterproxy.ledger.store import LedgerStore
 
 log = logging.getLogger("meterproxy.ledger")
 
@@ -31,8 +32,11 @@ class Writer:
 
     def __init__(self, store: LedgerStore, *, on_backlog: Callable[[int], None] | None = None,
                  max_backlog: int = 1_000_000, batch_size: int = 500,
-                 on_store_error: Callable[[str], None] | None = None) -> None:
+                 on_store_error: Callable[[str], None] | None = None,
+                 on_write: Callable[[str], None] | None = None) -> None:
         self._store = store
+        self._on_write = on_write
+        self.failing = False   # the last write attempt failed (readiness reads it)
         self._on_backlog = on_backlog
         self._on_store_error = on_store_error
         self._max_backlog = max(1, max_backlog)
@@ -90,6 +94,13 @@ class Writer:
             except Exception:   # a metrics callback must never break metering
                 log.exception("on_store_error callback failed")
 
+    def _count(self, result: str) -> None:
+        if self._on_write is not None:
+            try:
+                self._on_write(result)
+            except Exception:   # a metrics callback must never break metering
+                log.exception("on_write callback failed")
+
     async def start(self) -> None:
         """Start the writer task (idempotent)."""
         if self._task is None or self._task.done():
@@ -115,11 +126,15 @@ class Writer:
         while True:
             try:
                 await self._store.write(batch)
+                self.failing = False
+                self._count("ok")
                 if failures:
                     log.warning("ledger write recovered after %d failures", failures)
                 return
             except Exception as exc:   # any failure: keep the batch, back off, retry
                 failures += 1
+                self.failing = True
+                self._count("error")
                 self._store_failed(exc, failures)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from meterproxy.store import StoreError
+
+__all__ = ["LIMIT_NAMES", "Admission", "Decision", "Limiter", "Limits", "RateSnapshot", "StoreError"]
+
 LIMIT_NAMES = (
     "requests", "tokens", "concurrency",
     "daily_tokens", "monthly_tokens", "daily_usd", "monthly_usd",
@@ -65,14 +69,6 @@ class Decision:
     snapshot: RateSnapshot = field(default_factory=RateSnapshot)
 
 
-class StoreError(Exception):
-    """The shared store could not be reached or answered in time (backend-neutral)."""
-
-    def __init__(self, operation: str, message: str = "") -> None:
-        super().__init__(f"{operation}: {message}" if message else operation)
-        self.operation = operation
-
-
 class Limiter(Protocol):
     """Admission, settlement and status. Every method may raise StoreError (never hangs)."""
 
@@ -90,6 +86,12 @@ class Limiter(Protocol):
     async def status(self, key_id: str, user: str, key_limits: Limits,
                      user_limits: Limits) -> dict[str, dict[str, float | int | None]]:
         """For GET /usage: {limit_name: {"limit", "remaining", "reset_s"}} for the key's limits."""
+        ...
+
+    async def charge(self, key_id: str, user: str, tokens: int, cost_nano: int, day: int,
+                     charge_id: str) -> None:
+        """Add usage of epoch day `day` to the key's and user's day/month budget counters
+        without checks, once per `charge_id` (usage served while the store was down)."""
         ...
 
     async def close(self) -> None: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date
 
 from meterproxy.limits import Admission, Decision, Limits, RateSnapshot
@@ -26,7 +26,7 @@ Principal = tuple[str, str, str]
 
 
 @functools.lru_cache(maxsize=64)
-def _calendar(days: int) -> tuple[str, str, int, int]:
+def calendar_of(days: int) -> tuple[str, str, int, int]:
     """(day id, month id, day end ms, month end ms) of a day counted from the epoch, UTC."""
     d = date.fromordinal(days + _EPOCH_ORDINAL)
     nxt = date(d.year + (d.month == 12), d.month % 12 + 1, 1)
@@ -103,7 +103,7 @@ class MemoryLimiter:
         if any(lim.daily_tokens is not None or lim.daily_usd_nano is not None
                or lim.monthly_tokens is not None or lim.monthly_usd_nano is not None
                for _, lim in principals):
-            cal = _calendar(now // _DAY_MS)
+            cal = calendar_of(now // _DAY_MS)
         budget_deny = self._budget_check(principals, cal)
 
         deny, wait = None, -1
@@ -224,7 +224,7 @@ class MemoryLimiter:
         kp: Principal = ("k", user, key_id)
         lim = key_limits
         days = now // _DAY_MS
-        day_id, mon_id, day_end, mon_end = _calendar(days)
+        day_id, mon_id, day_end, mon_end = calendar_of(days)
         dt, du = self._budget((kp, "d"), day_id)
         mt, mu = self._budget((kp, "m"), mon_id)
         leases = sum(1 for d in self._leases.get(kp, {}).values() if d > now)
@@ -232,6 +232,29 @@ class MemoryLimiter:
             self._used((kp, "rpm"), lim.rpm, now) if lim.rpm is not None else 0,
             self._used((kp, "tpm"), lim.tpm, now) if lim.tpm is not None else 0,
             leases, dt, du, day_end - now, mt, mu, mon_end - now])
+
+    def preload(self, rows: Iterable[tuple[str, str, int, int, int]]) -> None:
+        """Budgets at start: add this month's usage, rows of (user, key, epoch day, tokens,
+        cost_nano) from the ledger, so a restart does not hand out spent budgets again."""
+        for user, key_id, day, tokens, cost in rows:
+            self._add(user, key_id, day, tokens, cost)
+
+    def _add(self, user: str, key_id: str, day: int, tokens: int, cost: int) -> None:
+        day_id, mon_id, day_end, mon_end = calendar_of(day)
+        for p in (("k", user, key_id), ("u", user, "")):
+            for kind, wid, end in (("d", day_id, day_end), ("m", mon_id, mon_end)):
+                e = self._budgets.get((p, kind))
+                if e is not None and e[0] == wid:
+                    e[1] = int(e[1]) + tokens
+                    e[2] = int(e[2]) + cost
+                elif e is None or str(e[0]) < wid:   # an older window is replaced, a newer kept
+                    self._budgets[(p, kind)] = [wid, tokens, cost, end]
+
+    async def charge(self, key_id: str, user: str, tokens: int, cost_nano: int, day: int,
+                     charge_id: str) -> None:
+        """Add usage of epoch day `day` to the budgets (the Redis limiter's catch-up path;
+        in process it never fails, so nothing needs catching up)."""
+        self._add(user, key_id, day, tokens, cost_nano)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -36,14 +36,15 @@ import hashlib
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError
 
-from meterproxy.limits import LIMIT_NAMES, Admission, Decision, Limits, RateSnapshot, StoreError
+from meterproxy.limits import LIMIT_NAMES, Admission, Decision, Limits, RateSnapshot
 from meterproxy.limits._view import status_view
-from meterproxy.limits.wire import WireRedis
+from meterproxy.limits.memory import calendar_of
+from meterproxy.store import store_errors
+from meterproxy.store.redis import make_redis_client, make_redispy_client
+from meterproxy.store.wire import WireRedis
 
 __all__ = ["RedisClient", "RedisLimiter", "make_redis_client", "make_redispy_client"]
 
@@ -53,48 +54,6 @@ RedisClient = WireRedis | Redis | RedisCluster
 # limit names as the script returns them (bytes, or str with decode_responses)
 _NAMES: dict[bytes | str, str] = {
     **{n: n for n in LIMIT_NAMES}, **{n.encode(): n for n in LIMIT_NAMES}}
-
-
-def make_redis_client(url: str, timeout_s: float = 0.25,
-                      max_connections: int = 64) -> WireRedis | RedisCluster:
-    """The hot-path client: WireRedis (one pipelined connection) for `redis://`, `rediss://` and
-    `unix://`; redis-py's RedisCluster for `redis+cluster://host:port`.
-
-    `timeout_s` bounds every command (and connecting); nothing is retried, because a retried
-    script may already have committed. `max_connections` only applies to the cluster client.
-    """
-    if url.startswith("redis+cluster://"):
-        return _cluster_client(url, timeout_s, max_connections)
-    return WireRedis(url, timeout_s)
-
-
-def make_redispy_client(url: str, timeout_s: float = 0.25, max_connections: int = 64, *,
-                        retries: int = 0) -> Redis | RedisCluster:
-    """A redis-py client (what the ledger reads through, and what the hot path used before).
-
-    Short socket timeouts so a dead store fails fast; no retries unless asked, because a retried
-    script may already have committed (reads may retry: after a Redis restart, the first command
-    on each pooled connection fails, and a retry dials a new one); a bounded pool that waits
-    briefly for a free connection.
-    """
-    if url.startswith("redis+cluster://"):
-        return _cluster_client(url, timeout_s, max_connections, retries)
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=max(1.0, 4 * timeout_s),
-        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        health_check_interval=30, retry=Retry(NoBackoff(), retries),
-    )
-    return Redis.from_pool(pool)
-
-
-def _cluster_client(url: str, timeout_s: float, max_connections: int,
-                    retries: int = 0) -> RedisCluster:
-    return RedisCluster.from_url(
-        "redis://" + url.removeprefix("redis+cluster://"),
-        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        health_check_interval=30, retry=Retry(NoBackoff(), retries),
-        max_connections=max_connections,
-    )
 
 
 def _script(name: str) -> str:
@@ -119,13 +78,6 @@ def _key_names(user: str, key_id: str) -> tuple[tuple[str, ...], tuple[str, ...]
     return admit, settle, f"mp:{{u:{user}}}:r:"
 
 
-# What a failing store raises: redis-py's errors (WireRedis raises the same classes), socket
-# errors, and RuntimeError, which uvloop raises when redis-py writes to a transport closed under it
-# (a Redis restart during connect). Missing the last made a Redis restart lose ledger records (CI
-# run of 2026-11-22).
-CLIENT_FAILURES = (RedisError, OSError, RuntimeError)
-
-
 def _opt(v: int) -> int | None:
     return None if v < 0 else v
 
@@ -144,19 +96,18 @@ class RedisLimiter:
         self.time_offset_ms = time_offset_ms
         self._lease_ms = int(lease_ttl_s * 1000)
         self._res_ms = int(reservation_ttl_s * 1000)
-        self._src = {n: _script(f"{n}.lua") for n in ("admit", "settle", "status")}
+        self._src = {n: _script(f"{n}.lua") for n in ("admit", "settle", "status", "charge")}
         self._sha = {n: _sha1(s) for n, s in self._src.items()}
+        self._errors = {n: store_errors(n) for n in self._src}
 
     async def _run(self, name: str, numkeys: int, args: list[Any]) -> Any:
-        try:
+        with self._errors[name]:
             try:
                 return await self.client.execute_command(
                     "EVALSHA", self._sha[name], numkeys, *args)
             except NoScriptError:
                 # the script cache was emptied: EVAL loads and runs it in one round trip
                 return await self.client.execute_command("EVAL", self._src[name], numkeys, *args)
-        except CLIENT_FAILURES as exc:
-            raise StoreError(name, f"{type(exc).__name__}: {exc}") from exc
 
     async def admit(self, adm: Admission) -> Decision:
         """Check every limit of key and user in one script; charge only if all pass."""
@@ -188,6 +139,17 @@ class RedisLimiter:
             *keys, "" if lim.rpm is None else lim.rpm, "" if lim.tpm is None else lim.tpm,
             self.time_offset_ms])
         return status_view(lim, r)
+
+    async def charge(self, key_id: str, user: str, tokens: int, cost_nano: int, day: int,
+                     charge_id: str) -> None:
+        """Add usage of epoch day `day` to the key's and user's budget counters, once per
+        `charge_id` (usage served while Redis was down; see catchup.py)."""
+        keys = _key_names(user, key_id)[0]
+        day_id, mon_id, day_end, mon_end = calendar_of(day)
+        await self._run("charge", 5, [
+            keys[3], keys[4], keys[8], keys[9], f"mp:{{u:{user}}}:x:{charge_id}",
+            tokens, cost_nano, day_id, mon_id, day_end, mon_end, 40 * 86_400_000,
+            self.time_offset_ms])
 
     async def close(self) -> None:
         """Close the client (its connection, or its connection pool)."""

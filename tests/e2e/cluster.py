@@ -29,7 +29,8 @@ def sha(key: str) -> str:
 def make_config(sim_port: int, *, store_url: str | None = None, on_error: str = "open",
                 keys: dict[str, dict[str, Any]] | None = None, users: dict[str, Any] | None = None,
                 plans: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
-                store: dict[str, Any] | None = None) -> dict[str, Any]:
+                store: dict[str, Any] | None = None,
+                ledger: dict[str, Any] | None = None) -> dict[str, Any]:
     base = f"http://127.0.0.1:{sim_port}"
     key_entries = []
     for key_id, (user, secret) in KEYS.items():
@@ -39,6 +40,7 @@ def make_config(sim_port: int, *, store_url: str | None = None, on_error: str = 
     cfg: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, **(server or {})},
         "store": {"on_error": on_error, **({"url": store_url} if store_url else {}), **(store or {})},
+        **({"ledger": ledger} if ledger else {}),   # default: SQLite beside the config file
         "admin": {"key_sha256": sha(ADMIN_KEY)},
         "providers": {
             "sim": {"base_url": base, "paths": ["/v1/"],

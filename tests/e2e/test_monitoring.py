@@ -9,9 +9,10 @@ streams and non-streams through the openai SDK, a tool call, cached prompt token
 reasoning model (o3-mini), a provider 500, an unreachable provider (`dead`, a closed port), a stream
 the provider breaks (upstream error + estimated usage), usage omitted by the provider (estimated),
 429s for three limit types (`requests` via rpm, `tokens` via a request larger than tpm,
-`concurrency` via a burst), a config reload (SIGHUP), and — between the rounds — a Redis outage
-(killed, restarted from its AOF) so store errors and a usage backlog exist; on_error is open, so
-the proxy serves on and the backlog drains into the ledger when Redis is back.
+`concurrency` via a burst), a config reload (SIGHUP), and — between the rounds — an outage of
+Redis (killed, restarted from its AOF) and of the PostgreSQL ledger (stopped, restarted), so store
+errors and a usage backlog exist; on_error is open, so the proxy serves on and the backlog drains
+into the ledger when PostgreSQL is back.
 
 Requests vs ledger, like with like: the ledger records every *forwarded* request (whatever the
 provider answered, 5xx and unreachable included); requests the proxy rejects itself (here only
@@ -48,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dashboard_queries import dashboard_exprs, substitute
 from tests.e2e.cluster import ADMIN_KEY, KEYS, bearer, make_config, proxy, write_config
-from tests.procs import ROOT, Proc, RedisServer, free_port, simulator, wait_port
+from tests.procs import ROOT, PostgresServer, Proc, RedisServer, free_port, simulator, wait_port
 
 DASHBOARD = ROOT / "dashboards" / "meterproxy.json"
 ALERTS = ROOT / "deploy" / "alerts.yml"
@@ -301,12 +302,14 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
     tmp = tmp_path_factory.mktemp("monitoring")
     # AOF with fsync on every write: the ledger survives the outage below (kill -9, restart).
     redis = RedisServer(extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
+    pg = PostgresServer().start()
     prom: Prometheus | None = None
     try:
         with simulator() as sim:
             # /metrics needs the admin key on the main listener; Prometheus scrapes with it.
             cfg = make_config(
                 sim.port, store_url=redis.url, on_error="open", server={"metrics_require_admin": True},
+                ledger={"url": pg.new_database()},
                 keys={"alice-1": {"limits": {"concurrency": 2}}, "alice-2": {"limits": {"rpm": 3}},
                       "bob-1": {"limits": {"tpm": 50_000}}})
             # A provider nobody listens on: every request to it is an "unreachable" upstream error.
@@ -315,15 +318,16 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
             with proxy(path) as px:
                 prom = Prometheus(f"127.0.0.1:{px.port}", token=ADMIN_KEY)
                 tally = Tally()
-                run_workload(px, prom, redis, tally)
+                run_workload(px, prom, redis, pg, tally)
                 yield Monitored(sim, px, prom, tally)
     finally:
         if prom is not None:
             prom.stop()
         redis.cleanup()
+        pg.cleanup()
 
 
-def run_workload(px: Proc, prom: Prometheus, redis: RedisServer, tally: Tally) -> None:
+def run_workload(px: Proc, prom: Prometheus, redis: RedisServer, pg: PostgresServer, tally: Tally) -> None:
     base = px.base
     round_of_traffic(base, tally)
     px.signal(signal.SIGHUP)  # a config reload (same file): meterproxy_config_reloads_total{result="ok"}
@@ -333,6 +337,7 @@ def run_workload(px: Proc, prom: Prometheus, redis: RedisServer, tally: Tally) -
 
     # Store outage: requests are served (on_error open) while admissions and ledger writes fail.
     redis.stop()
+    pg.stop("immediate")
     bob = _sdk(base, "bob-1")
     for _ in range(2):
         bob.chat.completions.create(model="o3-mini", messages=MSG)
@@ -344,6 +349,7 @@ def run_workload(px: Proc, prom: Prometheus, redis: RedisServer, tally: Tally) -
              and (prom.scalar("sum(rate(meterproxy_store_errors_total[1m]))") or 0) > 0, 20,
              "Prometheus saw the outage")
     redis.start()  # same port and dir: reloads the AOF
+    pg.start()
     # Reconnect the proxy's pooled connections (each stale one fails once) before metering resumes.
     for _ in range(2):
         wait_for(lambda: all(c == 200 for c in _parallel_readyz(base)), 15, "store reachable again")

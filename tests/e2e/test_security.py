@@ -1,8 +1,9 @@
 """Issue #7, security: no secret in logs, responses or metrics; admin and metrics guarded; runs
 private to their key; client x-forwarded-* trusted for nothing.
 
-Real processes: simulator, proxy, and a redis-server that requires a password (so the store URL
-carries a credential too), killed for a moment mid-run so that error paths log.
+Real processes: simulator, proxy, a redis-server that requires a password (so the store URL
+carries a credential too) and a PostgreSQL ledger whose URL carries a password, both taken down
+for a moment mid-run so that error paths log.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import pytest
 
 from tests.e2e.cluster import ADMIN_KEY, KEYS, PROVIDER_SECRETS, bearer, make_config, proxy, write_config
 from tests.e2e.load import ADMIN, MSG, metric_in, mixed_shapes, run_load, wait_for
-from tests.procs import Proc, RedisServer, free_port, simulator
+from tests.procs import PostgresServer, Proc, RedisServer, free_port, simulator
 
 CHAT = "/v1/chat/completions"
 REDIS_PASSWORD = "redis-pw-0d7c4e9b1f"
+PG_PASSWORD = "pg-pw-8e2a61c4d9b3"     # in the ledger URL (the test server trusts loopback anyway)
 STRANGER_KEY = "mp-guessed-key-5a1e"      # what an attacker tries: must not be echoed into logs either
 
 
 def _secrets() -> list[str]:
-    return [s for _, s in KEYS.values()] + [ADMIN_KEY, *PROVIDER_SECRETS, REDIS_PASSWORD, STRANGER_KEY]
+    return [s for _, s in KEYS.values()] + [ADMIN_KEY, *PROVIDER_SECRETS, REDIS_PASSWORD, PG_PASSWORD,
+                                             STRANGER_KEY]
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +37,23 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, P
     clients received: status lines, headers and bodies, plus /metrics)."""
     tmp = tmp_path_factory.mktemp("security")
     rs = RedisServer(extra=["--requirepass", REDIS_PASSWORD]).start()
+    pg = PostgresServer().start()
     seen: list[str] = []
     try:
         with simulator() as sim:
             url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{rs.port}/0"
             cfg = make_config(sim.port, store_url=url, keys={"carol-1": {"models": ["gpt-4o-mini"]},
-                                                             "bob-1": {"limits": {"rpm": 5}}})
+                                                             "bob-1": {"limits": {"rpm": 5}}},
+                              ledger={"url": pg.new_database().replace("postgres@", f"postgres:{PG_PASSWORD}@")})
             cfg["providers"]["refused"] = {"base_url": f"http://127.0.0.1:{free_port()}", "paths": ["/refused/"],
                                            "auth": {"header": "Authorization", "value": "Bearer ${SIM_OPENAI_KEY}"}}
             path = write_config(tmp / "c.yaml", cfg)
             with proxy(path, env={"METERPROXY_LOG_LEVEL": "DEBUG"}) as px:
-                _exercise(px, rs, seen)
+                _exercise(px, rs, pg, seen)
                 yield sim, px, seen
     finally:
         rs.cleanup()
+        pg.cleanup()
 
 
 def _keep(seen: list[str], r: httpx.Response) -> httpx.Response:
@@ -55,7 +61,7 @@ def _keep(seen: list[str], r: httpx.Response) -> httpx.Response:
     return r
 
 
-def _exercise(px: Proc, rs: RedisServer, seen: list[str]) -> None:
+def _exercise(px: Proc, rs: RedisServer, pg: PostgresServer, seen: list[str]) -> None:
     """Everything a busy day holds: every flavor and key, refusals, provider errors, unreachable
     provider, broken streams, clients leaving, async runs, the admin API, a store outage."""
     results = asyncio.run(run_load([px.base], 180, 20, mixed_shapes(chunks=4), prefix="sec"))
@@ -94,13 +100,15 @@ def _exercise(px: Proc, rs: RedisServer, seen: list[str]) -> None:
         _keep(seen, c.get(b + "/admin/usage?group_by=user,key,model", headers=ADMIN))
         _keep(seen, c.get(b + "/admin/usage/records?limit=50", headers=ADMIN))
         _keep(seen, c.get(b + "/admin/usage", headers=bearer("alice-1")))
-        # The store goes away for a moment: error paths log (store, ledger, readiness).
+        # The stores go away for a moment: error paths log (store, ledger, readiness).
         rs.stop()
+        pg.stop("immediate")
         for _ in range(5):
             _keep(seen, c.post(b + CHAT, json=body, headers=bearer("alice-2")))
         _keep(seen, c.get(b + "/readyz"))
         _keep(seen, c.get(b + "/usage", headers=bearer("alice-2")))
         rs.start()
+        pg.start()
         wait_for(lambda: metric_in(c.get(b + "/metrics").text, "meterproxy_usage_backlog") == 0, 20,
                  "the backlog to drain")
         _keep(seen, c.get(b + "/metrics"))
@@ -124,7 +132,7 @@ def test_no_provider_or_store_credential_in_answers_or_metrics(full_run: tuple[P
     _, _, seen = full_run
     text = "\n".join(seen)
     assert len(seen) > 200 and "meterproxy_requests_total" in text   # /metrics is in there
-    for s in (*PROVIDER_SECRETS, REDIS_PASSWORD, ADMIN_KEY):
+    for s in (*PROVIDER_SECRETS, REDIS_PASSWORD, PG_PASSWORD, ADMIN_KEY):
         assert s not in text, s
     # Client keys never come back either, not even to their owner.
     for _, s in KEYS.values():

@@ -1,0 +1,38 @@
+"""Ledger database URLs: `sqlite://PATH` (sqlite:///var/lib/x.db is the absolute path
+/var/lib/x.db; a relative PATH is relative to `base_dir`, the config file's folder) and
+`postgresql://` / `postgres://` (any libpq-style URL asyncpg accepts)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meterproxy.ledger.store import LedgerStore
+
+SCHEMES = ("sqlite://", "postgresql://", "postgres://")
+
+
+def sqlite_path(url: str, base_dir: str | Path = ".") -> Path:
+    """The file of a sqlite:// URL."""
+    p = Path(url.removeprefix("sqlite://"))
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs and check-config)."""
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+
+
+def open_ledger_store(url: str, base_dir: str | Path = ".") -> LedgerStore:
+    """The store for a ledger URL; opens nothing yet (the first call connects)."""
+    if url.startswith("sqlite://"):
+        from meterproxy.ledger.sqlite import SqliteStore
+
+        return SqliteStore(str(sqlite_path(url, base_dir)))
+    if url.startswith(("postgresql://", "postgres://")):
+        from meterproxy.ledger.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported ledger URL scheme: must start with {', '.join(SCHEMES)}")
