@@ -19,15 +19,8 @@ from typing import Any
 
 from meterproxy import ledger_cli, logs, usage_cli
 from meterproxy.auth import key_hash
+from meterproxy.clierror import CliError
 from meterproxy.config import Config, ConfigError, load_config, summary
-
-
-class CliError(Exception):
-    """A command failed: `str(self)` is the one line to print (what went wrong, what to do)."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def setup_logging(log_format: str = "text") -> None:

@@ -10,8 +10,11 @@ from meterproxy.usage_cli import _sync, open_ledger
 
 def register(sub: Any) -> None:
     """Add `ledger migrate` to the CLI's subparsers."""
-    g = sub.add_parser("ledger", help="ledger database maintenance")
-    gs = g.add_subparsers(dest="ledger_cmd", required=True)
+    g = sub.add_parser("ledger", help="ledger database maintenance",
+                       description="Ledger database maintenance: `meterproxy ledger migrate --config FILE` "
+                                   "brings the schema up to date (docs/operations.md: upgrades).")
+    gs = g.add_subparsers(dest="ledger_cmd", required=True, metavar="{migrate}",
+                          help="migrate: bring the ledger schema up to date")
     m = gs.add_parser("migrate", help="upgrade the ledger schema to this version's (serve does it "
                                       "at start unless ledger.migrate: manual)")
     m.add_argument("--config", required=True, help="config file naming the ledger (ledger.url)")

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from meterproxy.clierror import CliError
 from meterproxy.errors import ProxyError
 
 _COLS = ("requests", "prompt_tokens", "cached_prompt_tokens", "cache_write_tokens",
@@ -21,17 +22,12 @@ _COLS = ("requests", "prompt_tokens", "cached_prompt_tokens", "cache_write_token
 PAGE = 1000
 
 
-class CliError(Exception):
-    """A one-line error for the user; `code` is the exit status."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def register(sub: Any) -> None:
     """Add `usage` and `usage export` to the CLI's subparsers."""
-    u = sub.add_parser("usage", help="print the usage ledger as a table (from the ledger database)")
+    u = sub.add_parser("usage", help="print the usage ledger as a table (from the ledger database)",
+                       description="The usage ledger as a table, read from the ledger database of "
+                                   "--config (docs/api.md: GET /admin/usage has the same filters). "
+                                   "`meterproxy usage export` writes the records themselves.")
     u.add_argument("--config", help="config file naming the ledger (ledger.url); required")
     u.add_argument("--user", help="only this user")
     u.add_argument("--key", help="only this key id")
@@ -43,7 +39,8 @@ def register(sub: Any) -> None:
     u.add_argument("--group-by", default="user,key,model",
                    help="comma-separated: user,key,team,model,provider,day (default user,key,model)")
     u.set_defaults(fn=_sync(run_usage))
-    us = u.add_subparsers(dest="usage_cmd", required=False, metavar="{export}")
+    us = u.add_subparsers(dest="usage_cmd", required=False, metavar="{export}",
+                          help="export: write the records themselves (jsonl or csv) to stdout")
     e = us.add_parser("export", help="write ledger records to stdout, oldest first, streamed")
     e.add_argument("--config", required=True, help="config file naming the ledger (ledger.url)")
     e.add_argument("--since", help="first record time, inclusive: ISO date or datetime")
@@ -58,9 +55,6 @@ def _sync(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespa
         try:
             rc: int = asyncio.run(fn(args))
             return rc
-        except CliError as exc:
-            print(f"meterproxy {args.cmd}: {exc}", file=sys.stderr)
-            return exc.code
         except BrokenPipeError:   # `| head`: the reader left; nothing to report
             return 0
     return run

@@ -52,12 +52,14 @@ def test_config_not_found(tmp_path: Path) -> None:
         _one_line_failure(_cli(*args), "nope.yaml", "No such file")
 
 
-def test_usage_with_the_proxy_down(tmp_path: Path) -> None:
+def test_usage_with_the_ledger_down(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text('providers: {p: {base_url: "http://127.0.0.1:1", paths: ["/v1/"]}}\n')
     port = free_port()
-    p = _cli("usage", "--config", str(cfg), "--url", f"http://127.0.0.1:{port}", "--admin-key", "x")
-    _one_line_failure(p, f"cannot reach http://127.0.0.1:{port}", "--url")
+    cfg.write_text('providers: {p: {base_url: "http://127.0.0.1:1", paths: ["/v1/"]}}\n'
+                   f'ledger: {{url: "postgresql://mp:secret-pw@127.0.0.1:{port}/mp"}}\n')
+    p = _cli("usage", "--config", str(cfg))
+    _one_line_failure(p, f"127.0.0.1:{port}")
+    assert "secret-pw" not in p.stderr
 
 
 def test_port_in_use_fails_before_serving(tmp_path: Path) -> None:
