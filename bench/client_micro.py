@@ -1,4 +1,4 @@
-"""The upstream hop alone: client CPU per request of meterproxy/h1client.py against aiohttp (set up
+"""The upstream hop alone: client CPU per request of meterproxy/transport/pool.py against aiohttp (set up
 as meterproxy's Upstream used it before), both against a trivial uvloop HTTP server in another
 process on core 1, the client on core 0. Non-stream POSTs, ~1 KB request and response, c=32.
 
@@ -72,7 +72,7 @@ def serve(port: int) -> None:
 
 
 async def run_h1(url: str, n: int, c: int) -> None:
-    from meterproxy.h1client import Client
+    from meterproxy.transport.pool import Client
 
     client = Client()
 

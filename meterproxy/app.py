@@ -36,7 +36,7 @@ from meterproxy.metrics import Metrics, exposition_registry, make_registry, rend
 from meterproxy.reload import Reloader
 from meterproxy.runs import MemoryRuns, RedisRuns, RunRegistry
 from meterproxy.state import AppState, StoreHealth
-from meterproxy.upstream import Upstream
+from meterproxy.transport.upstream import Upstream
 
 log = logging.getLogger("meterproxy")
 

@@ -16,7 +16,7 @@ import orjson
 from meterproxy.auth import authenticate
 from meterproxy.config import Config
 from meterproxy.errors import ProxyError
-from meterproxy.h1client import Response
+from meterproxy.transport.pool import Response
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json

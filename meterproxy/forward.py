@@ -1,6 +1,6 @@
 """The proxy route: a raw ASGI app (no Starlette request objects on the hot path).
 
-Flow per request: prepare (route, auth, body, admission) → upstream request (meterproxy/h1client.py) → response
+Flow per request: prepare (route, auth, body, admission) → upstream request (meterproxy/transport/pool.py) → response
 headers → body: JSON answers are read whole (usage is in them), SSE streams go chunk by chunk
 through the scanner to `send` as they arrive → after the last byte, `finish` meters and settles.
 
@@ -20,13 +20,13 @@ import orjson
 
 from meterproxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from meterproxy.finish import Outcome, finish, record_rejection
-from meterproxy.h1client import Response
+from meterproxy.transport.pool import Response
 from meterproxy.headers import ratelimit_headers, response_headers, upstream_headers
 from meterproxy.metering.body import usage_in_json
 from meterproxy.metering.scan import StreamScanner
 from meterproxy.request import Call, ClientGone, prepare
 from meterproxy.state import AppState
-from meterproxy.upstream import error_kind
+from meterproxy.transport.upstream import error_kind
 
 log = logging.getLogger("meterproxy")
 

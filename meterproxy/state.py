@@ -14,7 +14,7 @@ from meterproxy.labels import ModelLabels
 from meterproxy.limits import Limiter
 from meterproxy.metrics import Metrics
 from meterproxy.runs import RunRegistry
-from meterproxy.upstream import Upstream
+from meterproxy.transport.upstream import Upstream
 
 if TYPE_CHECKING:
     from meterproxy.ledger import Ledger

@@ -1,4 +1,4 @@
-"""meterproxy/h1client.py against real sockets: a scripted asyncio HTTP server in this file.
+"""meterproxy/transport/pool.py against real sockets: a scripted asyncio HTTP server in this file.
 
 Every scenario runs on both event loops (the proxy runs on uvloop; asyncio's is the reference).
 The server counts accepted connections, so keep-alive reuse is observed from the server's side.
@@ -20,9 +20,9 @@ import pytest
 import uvloop
 
 from meterproxy.errors import UpstreamTimeout, UpstreamUnreachable
-from meterproxy.h1client import BrokenStream, Client, ConnectError, DNSError, Response
-from meterproxy.h1conn import READ_HIGH_WATER
-from meterproxy.upstream import Upstream, error_kind
+from meterproxy.transport.pool import BrokenStream, Client, ConnectError, DNSError, Response
+from meterproxy.transport.connection import READ_HIGH_WATER
+from meterproxy.transport.upstream import Upstream, error_kind
 from tests.procs import free_port
 
 Reader = asyncio.StreamReader

@@ -1,5 +1,5 @@
 """One upstream HTTP/1.1 connection (an asyncio.Protocol parsing with httptools) and the response
-it is reading. The pool, connecting and request writing are in meterproxy/h1client.py.
+it is reading. The pool, connecting and request writing are in meterproxy/transport/pool.py.
 
 Everything here runs inside the event loop's read callback: `data_received` feeds the parser, the
 parser's callbacks put body bytes on the response and wake whoever awaits it. No Task and no
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast, overload
 import httptools
 
 if TYPE_CHECKING:
-    from meterproxy.h1client import Pool
+    from meterproxy.transport.pool import Pool
 
 # Unread body bytes beyond which the socket stops being read (TCP then pushes back on the
 # provider): a slow client must not make the proxy buffer a whole stream.

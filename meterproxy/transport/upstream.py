@@ -1,4 +1,4 @@
-"""The upstream hop: one pooled HTTP/1.1 client per process (meterproxy/h1client.py), behind a
+"""The upstream hop: one pooled HTTP/1.1 client per process (meterproxy/transport/pool.py), behind a
 small interface that maps transport failures to the proxy's 502/504 errors.
 
 Not httpx (issue #2: ~1 ms CPU per request at concurrency 32) and no longer aiohttp (its client was
@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Sequence
 
 from meterproxy.errors import UpstreamTimeout, UpstreamUnreachable
-from meterproxy.h1client import BrokenStream, Client, ConnectError, DNSError, Response
+from meterproxy.transport.pool import BrokenStream, Client, ConnectError, DNSError, Response
 
 
 class Upstream:

@@ -4,7 +4,7 @@ Why not aiohttp: under load its ClientSession was the largest single cost in the
 (~25% of CPU until response headers at 32 concurrent requests, plus body reading, per-request
 timeout handles, ClientRequest/auto-header machinery, StreamWriter). This client does one thing:
 send a request head (+ body) in one write on a pooled keep-alive connection, and parse the answer
-with httptools (meterproxy/h1conn.py).
+with httptools (meterproxy/transport/connection.py).
 
 What it does, and deliberately does not:
 - one keep-alive pool per origin (scheme, host, port), unbounded (the proxy's own concurrency
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from itertools import zip_longest
 from urllib.parse import urlsplit
 
-from meterproxy.h1conn import (
+from meterproxy.transport.connection import (
     BrokenStream,
     ClosedBeforeAnswer,
     ConnectError,
@@ -146,7 +146,7 @@ class Pool:
 
 
 class Client:
-    """`await request(...)` returns a Response once its headers are in (see meterproxy/h1conn.py)."""
+    """`await request(...)` returns a Response once its headers are in (see meterproxy/transport/connection.py)."""
 
     def __init__(self, connect_timeout_s: float = 10.0, keepalive_s: float = 30.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
