@@ -16,7 +16,6 @@ import orjson
 from meterproxy.auth import authenticate
 from meterproxy.config import Config
 from meterproxy.errors import ProxyError
-from meterproxy.transport.pool import Response
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
@@ -26,6 +25,7 @@ from meterproxy.metering.usage import Usage
 from meterproxy.pricing import nano_to_usd
 from meterproxy.request import Call
 from meterproxy.state import AppState
+from meterproxy.transport.pool import Response
 
 log = logging.getLogger("meterproxy")
 

@@ -20,12 +20,12 @@ import orjson
 
 from meterproxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from meterproxy.finish import Outcome, finish, record_rejection
-from meterproxy.transport.pool import Response
 from meterproxy.headers import ratelimit_headers, response_headers, upstream_headers
 from meterproxy.metering.body import usage_in_json
 from meterproxy.metering.scan import StreamScanner
 from meterproxy.request import Call, ClientGone, prepare
 from meterproxy.state import AppState
+from meterproxy.transport.pool import Response
 from meterproxy.transport.upstream import error_kind
 
 log = logging.getLogger("meterproxy")

@@ -20,8 +20,8 @@ import pytest
 import uvloop
 
 from meterproxy.errors import UpstreamTimeout, UpstreamUnreachable
-from meterproxy.transport.pool import BrokenStream, Client, ConnectError, DNSError, Response
 from meterproxy.transport.connection import READ_HIGH_WATER
+from meterproxy.transport.pool import BrokenStream, Client, ConnectError, DNSError, Response
 from meterproxy.transport.upstream import Upstream, error_kind
 from tests.procs import free_port
 
