@@ -6,6 +6,7 @@ Produces a `Call` — everything the forwarder and the metering step need to kno
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -230,7 +231,8 @@ async def admit(state: AppState, call: Call) -> None:
                 f"Request too large: it needs about {tokens} tokens, more than the tokens-per-minute "
                 f"capacity of this key or user. Reduce max_tokens or the prompt.")
         if limit in _BUDGETS:
-            raise QuotaExceeded(f"You exceeded your {limit.replace('_', ' ')} budget.", limit=limit)
+            raise QuotaExceeded(f"You exceeded your {limit.replace('_', ' ')} budget.", limit=limit,
+                                now=time.time())
         raise RateLimited(f"Rate limit reached for {limit}. Try again later.", limit=limit,
                           retry_after_s=decision.retry_after_s)
     call.adm = adm

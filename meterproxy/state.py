@@ -14,7 +14,7 @@ from meterproxy.labels import ModelLabels
 from meterproxy.limits import Limiter
 from meterproxy.metrics import Metrics
 from meterproxy.runs import RunRegistry
-from meterproxy.transport.upstream import Upstream
+from meterproxy.transport import Client
 
 if TYPE_CHECKING:
     from meterproxy.ledger import Ledger
@@ -45,12 +45,12 @@ class StoreHealth:
 @dataclass
 class AppState:
     config: Config
-    upstream: Upstream
+    upstream: Client
     limiter: Limiter
     ledger: Ledger
     runs: RunRegistry
     metrics: Metrics
     labels: ModelLabels
     health: StoreHealth
+    # Request handlers and settlement retries, which shutdown waits for.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    draining: bool = False
