@@ -131,8 +131,13 @@ class ProviderConfig(_Model):
             return self
         if not self.base_url.startswith("https://"):
             raise ValueError("ca_file and client_cert need an https:// base_url")
-        try:  # read the files now: a bad path or a key that does not match is a config error
-            self.tls_files().context()
+        files = self.tls_files()
+        for name, path in (("ca_file", files.ca_file), ("client_cert.cert", files.cert),
+                           ("client_cert.key", files.key)):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file {path}")
+        try:  # read the files now: a bad file or a key that does not match is a config error
+            files.context()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ValueError(f"ca_file / client_cert: {exc}") from exc
         return self
