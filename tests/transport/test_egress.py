@@ -218,7 +218,7 @@ def test_tls_files_are_checked_at_config_load(pki: dict[str, Path], tmp_path: Pa
     with pytest.raises(ConfigError) as err:
         parse_config(_provider_yaml(f"    ca_file: {tmp_path / 'missing.pem'}"))
     assert str(err.value).endswith(f"providers.p: ca_file: no such file {tmp_path / 'missing.pem'}")
-    with pytest.raises(ConfigError, match="ca_file / client_cert: .*KEY_VALUES_MISMATCH"):  # another cert's key
+    with pytest.raises(ConfigError, match=r"ca_file / client_cert: .*KEY_VALUES_MISMATCH"):  # another cert's key
         parse_config(_provider_yaml(
             f"    client_cert: {{cert: {pki['client.pem']}, key: {pki['server.key']}}}"))
     with pytest.raises(ConfigError, match="need an https:// base_url"):
