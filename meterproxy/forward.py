@@ -155,7 +155,10 @@ class ProxyRoute:
 
     async def _stream(self, call: Call, resp: Response, send: Any, out: Outcome,
                       hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
-        """An SSE answer: every chunk to the client as it arrives, scanned for usage on the way."""
+        """An SSE answer: every chunk to the client as it arrives, scanned for usage on the way,
+        except the last: from the chunk that carries the final event ([DONE], message_stop,
+        response.completed; SDKs act on it without waiting for the body's end) or that ends
+        the body, the bytes are held until the settlement is sent (read-your-writes)."""
         scanner = StreamScanner(strip_usage=call.inject_usage)
         out.scanner = scanner
         await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
@@ -163,6 +166,7 @@ class ProxyRoute:
         call.overhead += now - t_hdr
         first = True
         scan_time = 0.0
+        held: list[bytes] = []
         try:
             while True:
                 chunk = await resp.readany()
@@ -174,14 +178,17 @@ class ProxyRoute:
                     first = False
                 data = scanner.feed(chunk)
                 scan_time += perf_counter() - t_got
-                if data:
+                if held or scanner.saw_done or resp.done:
+                    held.append(data)
+                elif data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             out.complete = True
         except TransportError as err:  # broken, timed out, idle too long
             out.upstream_error = err.kind
             out.broken = True
         call.overhead += scan_time
-        rest = scanner.finish()
+        held.append(scanner.finish())
+        rest = b"".join(held)
         out.usage = scanner.usage
         if out.broken:
             # The provider broke the stream (or it timed out): forward what came, then return
