@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -57,15 +57,12 @@ class Call:
     body: dict[str, Any] | None  # the parsed JSON body; dropped (None) once admitted
     model: str
     metered: bool
-    stream_requested: bool
     inject_usage: bool
     async_create: bool
     poll_uid: str | None
     adm: Admission | None = None
     decision: Decision | None = None
     overhead: float = 0.0
-    usage: Usage | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _reject_traversal(path: str) -> None:
@@ -198,7 +195,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
         request_id=client_request_id(headers) or uid, uid=uid, t0=t0, method=method,
         raw_path=scope.get("raw_path") or path.encode(), query=scope.get("query_string", b""),
         body_bytes=body_bytes, body=body, model=model, metered=metered,
-        stream_requested=stream_requested, inject_usage=inject, async_create=async_create,
+        inject_usage=inject, async_create=async_create,
         poll_uid=poll_uid,
     )
     await admit(state, call)
