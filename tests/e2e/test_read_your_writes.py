@@ -39,7 +39,7 @@ class _Provider(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         base = {"id": "chatcmpl-1", "created": 1, "model": MODEL}
         if not body.get("stream"):
