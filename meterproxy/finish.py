@@ -17,7 +17,7 @@ import orjson
 
 from meterproxy.auth import authenticate
 from meterproxy.config import Config
-from meterproxy.errors import ProxyError
+from meterproxy.errors import AuthError, ProxyError
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
@@ -25,7 +25,7 @@ from meterproxy.metering.estimate import encoding_ready, estimate_completion, es
 from meterproxy.metering.scan import StreamScanner
 from meterproxy.metering.usage import Usage
 from meterproxy.pricing import nano_to_usd
-from meterproxy.request import Call
+from meterproxy.request import PRINCIPAL, Call
 from meterproxy.state import AppState
 from meterproxy.transport import Response
 
@@ -207,10 +207,14 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
 
 def record_rejection(state: AppState, cfg: Config, scope: dict[str, Any], err: ProxyError) -> None:
     """Count a request the proxy answered itself, under its key when the key was valid."""
-    try:
-        p = authenticate(cfg, scope["headers"])
-    except ProxyError:
-        return  # no valid key: nothing to attribute (and no label from client input)
+    p = scope.get(PRINCIPAL)
+    if p is None:
+        if isinstance(err, AuthError):
+            return  # no valid key: nothing to attribute (and no label from client input)
+        try:  # refused before authentication (its path): counted under the key if it is valid
+            p = authenticate(cfg, scope["headers"])
+        except ProxyError:
+            return
     provider = cfg.route(scope["path"])
     state.metrics.requests.labels(p.key_id, p.user, provider.name if provider else "none",
                                   "none", str(err.status)).inc()

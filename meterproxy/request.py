@@ -38,6 +38,11 @@ _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_usd", "monthly_us
 _MAX_N = 128  # reservation multiplier cap; a larger n is the provider's to refuse
 
 
+# Where prepare leaves the authenticated principal in the ASGI scope (as Starlette's
+# AuthenticationMiddleware does), so a rejection is attributed without authenticating again.
+PRINCIPAL = "meterproxy.principal"
+
+
 class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
@@ -137,7 +142,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
     if provider is None:
         raise UnknownRoute(f"No provider is configured for {path}.")
     headers: list[tuple[bytes, bytes]] = scope["headers"]
-    principal = authenticate(cfg, headers)
+    principal = scope[PRINCIPAL] = authenticate(cfg, headers)  # a rejection below is counted under it
     method: str = scope["method"]
     body_bytes = await read_body(receive, cfg.server.max_body_bytes, headers)
     endpoint: Endpoint | None = classify(normalise(path)) if method == "POST" else None

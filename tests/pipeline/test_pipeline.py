@@ -190,3 +190,24 @@ def test_budget_429_says_when_the_window_resets(run: Any, tmp_path: Path) -> Non
                 assert abs(int(retry_after) - math.ceil(expected)) <= 2
                 assert abs(int(retry_ms) / 1000 - expected) <= 2
     run(main())
+
+
+def test_rejections_are_counted_under_their_key_authenticated_once(run: Any, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from meterproxy import finish
+
+    again: list[str] = []
+    real = finish.authenticate
+    monkeypatch.setattr(finish, "authenticate", lambda cfg, headers: again.append("x") or real(cfg, headers))
+
+    async def main() -> None:
+        async with Server(provider) as srv, running(config(tmp_path, srv.port)) as h:
+            requests = h.state.metrics.requests
+            await h.request("POST", CHAT, auth(), b"{nope")   # refused after authentication
+            assert requests.labels("alice-1", "alice", "sim", "none", "400")._value.get() == 1
+            assert again == []                                 # its principal came with it
+            await h.request("POST", "/nowhere", auth(), chat())  # refused before authentication
+            assert requests.labels("alice-1", "alice", "none", "none", "404")._value.get() == 1
+            await h.request("POST", CHAT, [], chat())            # no key: nothing to count
+            assert again == ["x"]
+    run(main())
