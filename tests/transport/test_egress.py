@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from meterproxy.config import ConfigError, parse_config
-from meterproxy.transport import Client, Origin, Proxies, TLSFiles, TransportError
+from meterproxy.transport import Origin, Proxies, TLSFiles, TransportError
 from meterproxy.transport.errors import ConnectError, IdleTimeout
 from tests.transport.scripted import OK5, Reader, Request, Server, Writer, answer, get, request
 
@@ -110,11 +110,11 @@ def mtls(pki: dict[str, Path]) -> TLSFiles:
 
 # --- egress proxies -------------------------------------------------------------------------------
 
-def test_https_through_connect_proxy_with_auth(run: Any, pki: dict[str, Path]) -> None:
+def test_https_through_connect_proxy_with_auth(run: Any, new_client: Any, pki: dict[str, Path]) -> None:
     async def main() -> None:
         async with Server(answer(OK5), tls=server_tls(pki, True)) as srv, ConnectProxy() as proxy:
             env = {"HTTPS_PROXY": f"http://user:p%40ss@127.0.0.1:{proxy.port}"}
-            client = Client(proxies=Proxies.from_env(env))
+            client = new_client(proxies=Proxies.from_env(env))
             for _ in range(2):
                 resp, data = await get(client, f"https://localhost:{srv.port}/v1/x", tls=mtls(pki))
                 assert (resp.status, data) == (200, b"hello")
@@ -125,21 +125,21 @@ def test_https_through_connect_proxy_with_auth(run: Any, pki: dict[str, Path]) -
     run(main())
 
 
-def test_no_proxy_bypasses_the_proxy(run: Any, pki: dict[str, Path]) -> None:
+def test_no_proxy_bypasses_the_proxy(run: Any, new_client: Any, pki: dict[str, Path]) -> None:
     async def main() -> None:
         async with Server(answer(OK5), tls=server_tls(pki, False)) as srv, ConnectProxy() as proxy:
             env = {"https_proxy": proxy.url, "NO_PROXY": "example.com,.localhost"}
-            client = Client(proxies=Proxies.from_env(env))
+            client = new_client(proxies=Proxies.from_env(env))
             _, data = await get(client, f"https://localhost:{srv.port}/", tls=TLSFiles(str(pki["ca.pem"])))
             assert data == b"hello" and proxy.connects == []
             await client.close()
     run(main())
 
 
-def test_proxy_refusing_connect_is_a_connect_error(run: Any, pki: dict[str, Path]) -> None:
+def test_proxy_refusing_connect_is_a_connect_error(run: Any, new_client: Any, pki: dict[str, Path]) -> None:
     async def main() -> None:
         async with ConnectProxy(status=403) as proxy:
-            client = Client(proxies=Proxies.from_env({"HTTPS_PROXY": proxy.url}))
+            client = new_client(proxies=Proxies.from_env({"HTTPS_PROXY": proxy.url}))
             with pytest.raises(ConnectError, match="refused CONNECT") as err:
                 await request(client, "GET", "https://localhost:1/", [], None, 5)
             assert (err.value.kind, err.value.status, err.value.code) == ("connect", 502, "upstream_unreachable")
@@ -147,10 +147,10 @@ def test_proxy_refusing_connect_is_a_connect_error(run: Any, pki: dict[str, Path
     run(main())
 
 
-def test_http_origin_through_http_proxy_uses_absolute_form(run: Any) -> None:
+def test_http_origin_through_http_proxy_uses_absolute_form(run: Any, new_client: Any) -> None:
     async def main() -> None:
         async with Server(answer(OK5)) as proxy:   # a forward proxy sees absolute-form targets
-            client = Client(proxies=Proxies.from_env({"HTTP_PROXY": f"http://u:p@127.0.0.1:{proxy.port}"}))
+            client = new_client(proxies=Proxies.from_env({"HTTP_PROXY": f"http://u:p@127.0.0.1:{proxy.port}"}))
             _, data = await get(client, "http://provider.test:8080/v1/chat?q=1")
             assert data == b"hello"
             req: Request = proxy.requests[0]
@@ -181,10 +181,10 @@ def test_proxies_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
 
 # --- per-provider TLS ----------------------------------------------------------------------------
 
-def test_client_certificate_required_by_the_provider(run: Any, pki: dict[str, Path]) -> None:
+def test_client_certificate_required_by_the_provider(run: Any, new_client: Any, pki: dict[str, Path]) -> None:
     async def main() -> None:
         async with Server(answer(OK5), tls=server_tls(pki, True)) as srv:
-            client = Client()
+            client = new_client()
             _, data = await get(client, f"https://localhost:{srv.port}/", tls=mtls(pki))
             assert data == b"hello"
             # trusted CA but no client certificate: the server refuses the handshake
@@ -227,7 +227,7 @@ def test_tls_files_are_checked_at_config_load(pki: dict[str, Path], tmp_path: Pa
 
 # --- idle timeout --------------------------------------------------------------------------------
 
-def test_idle_timeout_cuts_a_stalled_stream(run: Any) -> None:
+def test_idle_timeout_cuts_a_stalled_stream(run: Any, new_client: Any) -> None:
     async def handler(req: Request, reader: Reader, writer: Writer) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(5):  # bytes every 0.1 s keep an idle timeout of 0.3 s from firing
@@ -238,7 +238,7 @@ def test_idle_timeout_cuts_a_stalled_stream(run: Any) -> None:
 
     async def main() -> None:
         async with Server(handler) as srv:
-            client = Client()
+            client = new_client()
             resp = await request(client, "GET", srv.url, [], None, 10, idle_s=0.3)
             got = b""
             with pytest.raises(IdleTimeout) as err:
@@ -251,13 +251,13 @@ def test_idle_timeout_cuts_a_stalled_stream(run: Any) -> None:
     run(main())
 
 
-def test_idle_timeout_before_headers_is_a_504(run: Any) -> None:
+def test_idle_timeout_before_headers_is_a_504(run: Any, new_client: Any) -> None:
     async def handler(req: Request, reader: Reader, writer: Writer) -> None:
         await asyncio.sleep(5)
 
     async def main() -> None:
         async with Server(handler) as srv:
-            client = Client()
+            client = new_client()
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             with pytest.raises(IdleTimeout) as err:
