@@ -123,3 +123,56 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
         await asyncio.sleep(0.01)
 
 
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy: records each CONNECT (target, Proxy-Authorization), answers
+    `status`, and on 200 pipes bytes both ways."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.connects: list[tuple[str, str | None]] = []
+        self.port = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ConnectProxy:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 2)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _conn(self, reader: Reader, writer: Writer) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            method, target, _ = head[0].split(" ")
+            auth = next((line.split(": ", 1)[1] for line in head[1:]
+                         if line.lower().startswith("proxy-authorization:")), None)
+            self.connects.append((f"{method} {target}", auth))
+            if self.status != 200:
+                writer.write(b"HTTP/1.1 %d Forbidden\r\nContent-Length: 0\r\n\r\n" % self.status)
+                await writer.drain()
+                return
+            host, port = target.rsplit(":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await writer.drain()
+
+            async def pipe(r: Reader, w: Writer) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while data := await r.read(65536):
+                        w.write(data)
+                        await w.drain()
+                w.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()

@@ -4,9 +4,7 @@ TLS (a private CA, a client certificate the server requires) and the idle timeou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,83 +14,13 @@ import pytest
 from meterproxy.config import ConfigError, parse_config
 from meterproxy.transport import Origin, Proxies, TLSFiles, TransportError
 from meterproxy.transport.errors import ConnectError, IdleTimeout
-from tests.transport.scripted import OK5, Reader, Request, Server, Writer, answer, get, request
-
-
-class ConnectProxy:
-    """A minimal HTTP CONNECT proxy: records each CONNECT (target, Proxy-Authorization), answers
-    `status`, and on 200 pipes bytes both ways."""
-
-    def __init__(self, status: int = 200) -> None:
-        self.status = status
-        self.connects: list[tuple[str, str | None]] = []
-        self.port = 0
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> ConnectProxy:
-        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.server.wait_closed(), 2)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _conn(self, reader: Reader, writer: Writer) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            method, target, _ = head[0].split(" ")
-            auth = next((line.split(": ", 1)[1] for line in head[1:]
-                         if line.lower().startswith("proxy-authorization:")), None)
-            self.connects.append((f"{method} {target}", auth))
-            if self.status != 200:
-                writer.write(b"HTTP/1.1 %d Forbidden\r\nContent-Length: 0\r\n\r\n" % self.status)
-                await writer.drain()
-                return
-            host, port = target.rsplit(":", 1)
-            up_reader, up_writer = await asyncio.open_connection(host, int(port))
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await writer.drain()
-
-            async def pipe(r: Reader, w: Writer) -> None:
-                with contextlib.suppress(ConnectionError):
-                    while data := await r.read(65536):
-                        w.write(data)
-                        await w.drain()
-                w.close()
-
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
+from tests.transport.pki import make_pki
+from tests.transport.scripted import OK5, ConnectProxy, Reader, Request, Server, Writer, answer, get, request
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """A private CA, a server certificate for localhost and a client certificate, both signed by it."""
-    d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-             "-days", "1", "-subj", "/CN=meterproxy test CA")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost\n")
-    for name, cn in (("server", "localhost"), ("client", "meterproxy")):
-        _openssl("req", *ec, "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"),
-                 "-subj", f"/CN={cn}")
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
-                 "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / f"{name}.pem"),
-                 "-days", "1", *(["-extfile", str(d / "san.ext")] if name == "server" else []))
-    yield {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    yield make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def server_tls(pki: dict[str, Path], require_client_cert: bool) -> ssl.SSLContext:
