@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -22,41 +21,16 @@ from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
 from meterproxy.metering.estimate import encoding_ready, estimate_completion, estimate_prompt
-from meterproxy.metering.scan import StreamScanner
 from meterproxy.metering.usage import Usage
 from meterproxy.pricing import nano_to_usd
-from meterproxy.request import PRINCIPAL, Call
+from meterproxy.record import Call, Outcome
+from meterproxy.request import PRINCIPAL
 from meterproxy.state import AppState
-from meterproxy.transport import Response
 
 log = logging.getLogger("meterproxy")
 
 CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
 _BIG_PROMPT = 32_768  # bytes of body beyond which tokenising moves off the event loop
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened on the wire, filled in by the forwarder."""
-
-    done: bool = False
-    client_gone: bool = False
-    sent_upstream: bool = False
-    complete: bool = False
-    stream: bool = False
-    broken: bool = False
-    status: int = 0
-    upstream_error: str | None = None
-    ttft: float | None = None
-    usage: Usage | None = None      # the provider's, as found in the answer
-    json: Any = None
-    scanner: StreamScanner | None = None
-    resp: Response | None = None
-    billed: Usage | None = None     # decided: the provider's, an estimate, or nothing
-    cost_nano: int = 0
-    priced: bool = True
-    settled: bool = False           # the limiter has the settlement (or its retry is scheduled)
-    settling: bool = False          # a disconnect now must not cancel the handler (see forward.py)
 
 
 def _estimate(call: Call, out: Outcome) -> Usage:

@@ -21,11 +21,12 @@ from typing import Any
 import orjson
 
 from meterproxy.errors import ProxyError, send_error
-from meterproxy.finish import Outcome, finish, record_rejection, settle
+from meterproxy.finish import finish, record_rejection, settle
 from meterproxy.headers import ratelimit_headers, response_headers, upstream_headers
 from meterproxy.metering.body import usage_in_json
 from meterproxy.metering.scan import StreamScanner
-from meterproxy.request import Call, ClientGone, prepare
+from meterproxy.record import Call, Outcome
+from meterproxy.request import ClientGone, prepare
 from meterproxy.state import AppState
 from meterproxy.transport import Response, TransportError
 
@@ -53,7 +54,7 @@ class ProxyRoute:
 
     async def _forward(self, call: Call, scope: dict[str, Any], receive: Any, send: Any) -> None:
         state = self.state
-        out = Outcome()
+        out = call.out
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(receive())

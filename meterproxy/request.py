@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
 import orjson
 
 from meterproxy.auth import authenticate
-from meterproxy.config import Config, Principal, Provider
+from meterproxy.config import Config
 from meterproxy.endpoints import Endpoint, classify, normalise
 from meterproxy.errors import (
     BodyTooLarge,
@@ -29,9 +28,10 @@ from meterproxy.errors import (
     UnknownRoute,
 )
 from meterproxy.headers import client_request_id
-from meterproxy.limits import Admission, Decision, StoreError
+from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.estimate import cheap_prompt_estimate
 from meterproxy.metering.usage import Usage
+from meterproxy.record import Call
 from meterproxy.state import AppState
 
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_usd", "monthly_usd"})
@@ -45,29 +45,6 @@ PRINCIPAL = "meterproxy.principal"
 
 class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
-
-
-@dataclass(slots=True)
-class Call:
-    cfg: Config
-    provider: Provider
-    principal: Principal
-    request_id: str            # x-request-id (the client's if sane)
-    uid: str                   # internal, unique: reservation, lease and ledger idempotency
-    t0: float
-    method: str
-    raw_path: bytes
-    query: bytes
-    body_bytes: bytes
-    body: dict[str, Any] | None  # the parsed JSON body; dropped (None) once admitted
-    model: str
-    metered: bool
-    inject_usage: bool
-    async_create: bool
-    poll_uid: str | None
-    adm: Admission | None = None
-    decision: Decision | None = None
-    overhead: float = 0.0
 
 
 def _reject_traversal(path: str) -> None:
