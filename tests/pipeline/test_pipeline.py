@@ -211,3 +211,27 @@ def test_rejections_are_counted_under_their_key_authenticated_once(run: Any, tmp
             await h.request("POST", CHAT, [], chat())            # no key: nothing to count
             assert again == ["x"]
     run(main())
+
+
+async def stalls_mid_stream(req: Request, reader: Reader, writer: Writer) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    data = sse({"choices": [{"index": 0, "delta": {"content": "ok"}}]})
+    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+    await writer.drain()
+    await asyncio.sleep(5)
+
+
+def test_a_stream_silent_past_the_idle_timeout_is_cut(run: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with Server(stalls_mid_stream) as srv:
+            cfg = config(tmp_path, srv.port, server={"stream_idle_timeout_s": 0.3})
+            async with running(cfg) as h:
+                t0 = time.monotonic()
+                ex = await h.request("POST", CHAT, auth(), chat(stream=True))
+                assert time.monotonic() - t0 < 3
+                # what came is forwarded, then the answer is cut (not ended): the client sees a
+                # truncated stream, as from the provider
+                assert ex.status == 200 and b'"ok"' in ex.body and not ex.ended
+                assert h.state.metrics.upstream_errors.labels("sim", "idle_timeout")._value.get() == 1
+                settled_at(h)  # and its reservation was settled (by finish)
+    run(main())
