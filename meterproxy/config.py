@@ -131,7 +131,8 @@ class ProviderConfig(_Model):
             return self
         if not self.base_url.startswith("https://"):
             raise ValueError("ca_file and client_cert need an https:// base_url")
-        files = self.tls_files()
+        cc = self.client_cert
+        files = TLSFiles(self.ca_file, cc.cert if cc else None, cc.key if cc else None)
         for name, path in (("ca_file", files.ca_file), ("client_cert.cert", files.cert),
                            ("client_cert.key", files.key)):
             if path is not None and not os.path.isfile(path):
@@ -143,8 +144,11 @@ class ProviderConfig(_Model):
         return self
 
     def tls_files(self) -> TLSFiles:
+        """The TLS files with their modification times now (checked to exist by _tls)."""
         cc = self.client_cert
-        return TLSFiles(self.ca_file, cc.cert if cc else None, cc.key if cc else None)
+        if self.ca_file is None and cc is None:
+            return TLSFiles()
+        return TLSFiles(self.ca_file, cc.cert if cc else None, cc.key if cc else None).stamped()
 
     @field_validator("base_url")
     @classmethod

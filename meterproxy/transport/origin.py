@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -14,6 +15,14 @@ class TLSFiles:
     ca_file: str | None = None
     cert: str | None = None
     key: str | None = None
+    # The files' modification times when the config was loaded: a certificate rotated in place
+    # and then reloaded (SIGHUP) compares unequal, so the client builds a new context and pool.
+    stamp: tuple[int, ...] = ()
+
+    def stamped(self) -> TLSFiles:
+        """This, with the files' current modification times (OSError if one is missing)."""
+        paths = [p for p in (self.ca_file, self.cert, self.key) if p]
+        return TLSFiles(self.ca_file, self.cert, self.key, tuple(os.stat(p).st_mtime_ns for p in paths))
 
     def context(self) -> ssl.SSLContext:
         """System CAs plus `ca_file`, hostname checking, and the client certificate if any.

@@ -4,6 +4,7 @@ TLS (a private CA, a client certificate the server requires) and the idle timeou
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,7 +143,9 @@ def test_tls_files_are_checked_at_config_load(pki: dict[str, Path], tmp_path: Pa
         f"    ca_file: {pki['ca.pem']}\n"
         f"    client_cert: {{cert: {pki['client.pem']}, key: {pki['client.key']}}}"))
     origin = cfg.routes[0][1].origin
-    assert origin.tls == mtls(pki) and (origin.host, origin.port) == ("localhost", 9)
+    assert origin.tls is not None and (origin.host, origin.port) == ("localhost", 9)
+    assert (origin.tls.ca_file, origin.tls.cert, origin.tls.key) == (str(pki["ca.pem"]), str(pki["client.pem"]),
+                                                                     str(pki["client.key"]))
     with pytest.raises(ConfigError) as err:
         parse_config(_provider_yaml(f"    ca_file: {tmp_path / 'missing.pem'}"))
     assert str(err.value).endswith(f"providers.p: ca_file: no such file {tmp_path / 'missing.pem'}")
@@ -193,3 +196,15 @@ def test_idle_timeout_before_headers_is_a_504(run: Any, new_client: Any) -> None
             assert 0.25 < loop.time() - t0 < 2 and err.value.status == 504
             await client.close()
     run(main())
+
+
+def test_a_certificate_rotated_in_place_takes_effect_on_reload(pki: dict[str, Path], tmp_path: Path) -> None:
+    """The origin (the client's pool and TLS context key) changes when a file changed since the
+    last load, and only then: a reload (SIGHUP) after a rotation connects with the new files."""
+    for name in ("client.pem", "client.key"):
+        (tmp_path / name).write_bytes(pki[name].read_bytes())
+    text = _provider_yaml(f"    client_cert: {{cert: {tmp_path / 'client.pem'}, key: {tmp_path / 'client.key'}}}")
+    first = parse_config(text).routes[0][1].origin
+    assert parse_config(text).routes[0][1].origin == first
+    os.utime(tmp_path / "client.pem", ns=(1, 1))  # a rotated file: another modification time
+    assert parse_config(text).routes[0][1].origin != first
