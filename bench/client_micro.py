@@ -1,4 +1,4 @@
-"""The upstream hop alone: client CPU per request of meterproxy/h1client.py against aiohttp (set up
+"""The upstream hop alone: client CPU per request of meterproxy/transport/pool.py against aiohttp (set up
 as meterproxy's Upstream used it before), both against a trivial uvloop HTTP server in another
 process on core 1, the client on core 0. Non-stream POSTs, ~1 KB request and response, c=32.
 
@@ -72,14 +72,17 @@ def serve(port: int) -> None:
 
 
 async def run_h1(url: str, n: int, c: int) -> None:
-    from meterproxy.h1client import Client
+    from meterproxy.transport import Client, Origin
 
     client = Client()
+    base, _, path = url.partition("/v1/")
+    origin, target = Origin.parse(base), ("/v1/" + path).encode()
+    headers = [(k.encode(), v.encode()) for k, v in HEADERS]
 
     async def worker(k: int) -> None:
         for _ in range(k):
-            r = await client.request("POST", url, HEADERS, REQUEST, 30)
-            r.headers.get("Content-Type", "")
+            r = await client.request(origin, "POST", target, headers, REQUEST, 30)
+            r.header(b"content-type")
             await r.read()
             r.release()
 

@@ -27,13 +27,13 @@ STAGES = {
         "RequestResponseCycle.send (uvicorn/protocols/http/httptools_impl.py)",
     "prepare: route, auth, body, JSON, admission (request.prepare)": "prepare (meterproxy/request.py)",
     "  admission (request.admit)": "admit (meterproxy/request.py)",
-    "upstream request until headers (Upstream.request)": "Upstream.request (meterproxy/upstream.py)",
-    "  h1client Client.request": "Client.request (meterproxy/h1client.py)",
-    "upstream response bytes in (h1conn Connection.data_received)":
-        "Connection.data_received (meterproxy/h1conn.py)",
+    "upstream request until headers (transport Client.request)": "Client.request (meterproxy/transport/pool.py)",
+    "upstream response bytes in (transport Connection.data_received)":
+        "Connection.data_received (meterproxy/transport/connection.py)",
     "non-stream answer: read, parse usage, send (ProxyRoute._whole)": "ProxyRoute._whole (meterproxy/forward.py)",
     "stream pass-through loop (ProxyRoute._stream)": "ProxyRoute._stream (meterproxy/forward.py)",
     "  StreamScanner.feed": "StreamScanner.feed (meterproxy/metering/scan.py)",
+    "settlement before the last byte (finish.settle)": "settle (meterproxy/finish.py)",
     "metering after the response (finish._finish)": "_finish (meterproxy/finish.py)",
     "ledger writer (background)": "Writer._run (meterproxy/ledger/writer.py)",
     "prometheus_client calls": "prometheus_client",

@@ -18,8 +18,8 @@ CPU over a run (/proc) / requests in the run, next to the proxy's for the Redis 
 Redis holds limiter state only). Both proxies write their ledger to SQLite (the default file beside
 their config, in the bench's temp dir).
 
-Writes bench/results/<UTC timestamp>.json and bench/results/latest.json, prints the table, and
-rewrites the generated part of docs/performance.md (between the bench markers).
+Writes bench/results/<UTC timestamp>.json (replacing the previous run's) and bench/results/latest.json,
+prints the table, and rewrites the generated part of docs/performance.md (between the bench markers).
 
     .venv/bin/python bench/run.py [--rounds 3] [--duration 2] [--quick] [--no-profile]
 """
@@ -56,8 +56,9 @@ if str(ROOT) not in sys.path:
 import orjson  # noqa: E402
 import yaml  # noqa: E402
 
-from bench import loadgen, procs  # noqa: E402
+from bench import loadgen, services  # noqa: E402
 from bench import profile as prof  # noqa: E402
+from tests import procs  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
@@ -171,15 +172,15 @@ class Bench:
             p.write_bytes(request_body(stream))
             self.bodies[stream] = p
         s = self.services
-        s["simulator"] = procs.simulator(self.tmp, LOAD_CORES).wait_ready()
-        s["redis"] = procs.redis(self.tmp, LOAD_CORES).wait_ready()
+        s["simulator"] = services.simulator(self.tmp, LOAD_CORES).wait_ready()
+        s["redis"] = services.redis(self.tmp, LOAD_CORES).wait_ready()
         sim_port = s["simulator"].port
         for name, url in (("proxy-mem", None), ("proxy-redis", f"redis://127.0.0.1:{s['redis'].port}/0")):
             cfg = self.tmp / f"{name}.yaml"
             cfg.write_text(yaml.safe_dump(proxy_config(sim_port, url), sort_keys=False))
-            s[name] = procs.proxy(name, self.tmp, cfg, PROXY_CORES)
-        s["bare"] = procs.bare(self.tmp, s["simulator"].url, PROXY_CORES)
-        s["nginx"] = procs.nginx(self.tmp, sim_port, PROXY_CORES)
+            s[name] = services.proxy(name, self.tmp, cfg, PROXY_CORES)
+        s["bare"] = services.bare(self.tmp, s["simulator"].url, PROXY_CORES)
+        s["nginx"] = services.nginx(self.tmp, sim_port, PROXY_CORES)
         for name in ("proxy-mem", "proxy-redis", "bare", "nginx"):
             s[name].wait_ready()
         self.urls = {"direct": s["simulator"].url, **{n: s[n].url for n in PATHS[1:]}}
@@ -307,7 +308,7 @@ class Bench:
         """--workers 2 against 1 worker (both Redis store), everything on both cores."""
         s = self.services
         cfg = self.tmp / "proxy-redis.yaml"
-        s["proxy-w2"] = w2 = procs.proxy("proxy-w2", self.tmp, cfg, ALL_CORES, workers=2).wait_ready()
+        s["proxy-w2"] = w2 = services.proxy("proxy-w2", self.tmp, cfg, ALL_CORES, workers=2).wait_ready()
         for name in ("proxy-redis", "simulator", "redis"):
             s[name].set_cores(ALL_CORES)
         sc = Scenario("ns32", "non-stream, c=32", "wrk", 32, False, duration_s=self.duration)
@@ -793,6 +794,8 @@ def main() -> None:
     if args.no_write:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
+    for old in RESULTS.glob("2*.json"):  # only the latest run is kept (docs/performance.md cites it)
+        old.unlink()
     data = json.dumps(res, indent=1, default=str, allow_nan=True)
     (RESULTS / f"{res['timestamp']}.json").write_text(data)
     (RESULTS / "latest.json").write_text(data)

@@ -10,6 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from meterproxy import errors
 from meterproxy.auth import authenticate, is_admin
 from meterproxy.errors import AdminOnly, InvalidRequest, ProxyError, StoreUnavailable
 from meterproxy.ledger import GROUP_FIELDS
@@ -18,9 +19,11 @@ from meterproxy.store import StoreError
 
 
 def error_response(err: ProxyError) -> Response:
-    headers = {k.decode(): v.decode() for k, v in err.headers()}
-    return Response(err.body(), status_code=err.status, headers=headers,
-                    media_type="application/json")
+    """errors.error_response as a Starlette Response (its headers exactly, no others added)."""
+    status, headers, body = errors.error_response(err)
+    resp = Response(body, status_code=status)
+    resp.raw_headers = headers
+    return resp
 
 
 def parse_when(value: str | None, name: str, end: bool = False) -> datetime | None:

@@ -41,7 +41,7 @@ from meterproxy.runs import MemoryRuns, RedisRuns, RunRegistry
 from meterproxy.state import AppState, StoreHealth
 from meterproxy.store import StoreError
 from meterproxy.store.redis import make_redis_client
-from meterproxy.upstream import Upstream
+from meterproxy.transport import Client, Proxies
 
 log = logging.getLogger("meterproxy")
 
@@ -110,8 +110,8 @@ class MeterProxy:
         cfg = self.config
         registry = make_registry()
         m = Metrics(registry)
-        upstream = Upstream(cfg.server.connect_timeout_s)
-        await upstream.start()
+        # Egress proxies are read from the environment once, here (SPEC "Egress").
+        upstream = Client(cfg.server.connect_timeout_s, keepalive_s=30.0, proxies=Proxies.from_env())
         clients: list[Any] = []
         limiter: Limiter
         runs: RunRegistry

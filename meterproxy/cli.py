@@ -96,8 +96,28 @@ def _run_workers(config: Any) -> None:
                 if proc.pid is not None:
                     os.kill(proc.pid, signal.SIGHUP)
 
+        # A worker that exited (and was replaced) must stop counting in the live gauges
+        # (inflight, backlog) that all workers' files add up to.
+        def keep_subprocess_alive(self) -> None:
+            before = [p.pid for p in self.processes]
+            super().keep_subprocess_alive()
+            _forget_replaced(before, [p.pid for p in self.processes])
+
+        def restart_all(self) -> None:
+            before = [p.pid for p in self.processes]
+            super().restart_all()
+            _forget_replaced(before, [p.pid for p in self.processes])
+
     sock = config.bind_socket()
     HupForwarding(config, sockets=[sock]).run()
+
+
+def _forget_replaced(before: list[int | None], after: list[int | None]) -> None:
+    from meterproxy.metrics import mark_process_dead
+
+    for old, new in zip(before, after, strict=True):
+        if old is not None and old != new:
+            mark_process_dead(old)
 
 
 def _graceful_exit_is_success() -> None:

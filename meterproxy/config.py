@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meterproxy.limits import Limits
 from meterproxy.pricing import Price, PriceTable
 from meterproxy.pricing_file import FileReport, load_pricing_file
+from meterproxy.transport.origin import Origin, TLSFiles
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -44,6 +45,8 @@ class ServerConfig(_Model):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0)
+    # An answer with no byte for this long is cut (504 upstream_timeout if nothing was sent yet).
+    stream_idle_timeout_s: float = Field(300.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     # Reservation for requests that name no max_tokens: admission must reserve something.
     default_max_tokens: int = Field(4096, ge=0)
@@ -161,6 +164,11 @@ class AsyncRuns(_Model):
         return v
 
 
+class ClientCert(_Model):
+    cert: str = Field(min_length=1)
+    key: str | None = None  # omitted: the key is in the cert file
+
+
 class ProviderConfig(_Model):
     base_url: str
     paths: list[str] = Field(min_length=1)
@@ -170,12 +178,40 @@ class ProviderConfig(_Model):
     # inject: add include_usage to streams that lack it and strip the usage chunk it causes;
     # always: the provider streams usage unasked, so neither is done.
     stream_usage: Literal["inject", "always"] = "inject"
+    ca_file: str | None = None
+    client_cert: ClientCert | None = None
+
+    @model_validator(mode="after")
+    def _tls(self) -> ProviderConfig:
+        if self.ca_file is None and self.client_cert is None:
+            return self
+        if not self.base_url.startswith("https://"):
+            raise ValueError("ca_file and client_cert need an https:// base_url")
+        cc = self.client_cert
+        files = TLSFiles(self.ca_file, cc.cert if cc else None, cc.key if cc else None)
+        for name, path in (("ca_file", files.ca_file), ("client_cert.cert", files.cert),
+                           ("client_cert.key", files.key)):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file {path}")
+        try:  # read the files now: a bad file or a key that does not match is a config error
+            files.context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(f"ca_file / client_cert: {exc}") from exc
+        return self
+
+    def tls_files(self) -> TLSFiles:
+        """The TLS files with their modification times now (checked to exist by _tls)."""
+        cc = self.client_cert
+        if self.ca_file is None and cc is None:
+            return TLSFiles()
+        return TLSFiles(self.ca_file, cc.cert if cc else None, cc.key if cc else None).stamped()
 
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        Origin.parse(v)  # ValueError: no host, a query, a bad port
         return v.rstrip("/")
 
     @field_validator("paths")
@@ -289,7 +325,7 @@ class Principal:
 @dataclass(frozen=True, slots=True)
 class Provider:
     name: str
-    base_url: str
+    origin: Origin               # scheme, host, port, TLS files: parsed once, here
     auth_header: bytes | None    # lowercased header name
     auth_value: bytes | None
     stream_by_default: bool
@@ -451,7 +487,7 @@ def _build(raw: RawConfig, source: str, file_prices: dict[str, Price] | None = N
         if p.async_runs is not None:
             prefix, _, suffix = p.async_runs.poll_path.partition("{uid}")
         provider = Provider(
-            name=name, base_url=p.base_url,
+            name=name, origin=Origin.parse(p.base_url, p.tls_files()),
             auth_header=p.auth.header.lower().encode() if p.auth else None,
             auth_value=p.auth.value.encode() if p.auth else None,
             stream_by_default=p.stream_by_default, poll_prefix=prefix, poll_suffix=suffix,

@@ -7,6 +7,7 @@
     ├── RateLimited                 429 requests|tokens|concurrency / rate_limit_exceeded (+ Retry-After)
     │   └── RequestTooLarge         429 tokens / rate_limit_exceeded, x-should-retry: false
     ├── QuotaExceeded               429 insufficient_quota / insufficient_quota, x-should-retry: false
+    │                                   (+ Retry-After: until the budget's day or month ends, UTC)
     ├── InvalidJSON                 400 invalid_request_error / invalid_json
     ├── InvalidRequest              400 invalid_request_error / invalid_request
     ├── BodyTooLarge                413 invalid_request_error / request_too_large
@@ -14,15 +15,19 @@
     ├── NotFound                    404 invalid_request_error / not_found (async run of another key)
     ├── UpstreamUnreachable         502 upstream_error / upstream_unreachable
     ├── UpstreamTimeout             504 upstream_error / upstream_timeout
+    │   (transport/errors.py subclasses both, one class per metric kind)
     └── StoreUnavailable            503 server_error / store_unavailable
 
-Foreign exceptions are mapped where they occur (`raise X(...) from exc`); the ASGI layer turns any
-ProxyError into a response with `to_response_parts()`.
+Foreign exceptions are mapped where they occur (`raise X(...) from exc`; the transport's in one
+table, transport/errors.py). `error_response` is the one place a ProxyError becomes an HTTP answer:
+the proxy route sends it with `send_error`, the small endpoints wrap it in a Starlette Response.
 """
 
 from __future__ import annotations
 
 import math
+from datetime import UTC, date, datetime
+from typing import Any
 
 import orjson
 
@@ -67,11 +72,7 @@ class RateLimited(ProxyError):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        if self.retry_after_s is None:
-            return []
-        secs = max(self.retry_after_s, 0.0)
-        return [(b"retry-after", str(max(math.ceil(secs), 1)).encode()),
-                (b"retry-after-ms", str(max(math.ceil(secs * 1000), 1)).encode())]
+        return [] if self.retry_after_s is None else _retry_after(self.retry_after_s)
 
 
 class RequestTooLarge(RateLimited):
@@ -85,12 +86,21 @@ class RequestTooLarge(RateLimited):
 class QuotaExceeded(ProxyError):
     status, type, code = 429, "insufficient_quota", "insufficient_quota"
 
-    def __init__(self, message: str, *, limit: str) -> None:
+    def __init__(self, message: str, *, limit: str, now: float) -> None:
         super().__init__(message)
         self.limit = limit
+        self.now = now  # unix time of the refusal: Retry-After counts from it
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"x-should-retry", b"false")]
+        # SPEC: Retry-After = seconds until the window resets: the next UTC midnight for a
+        # daily budget, the first of the next month for a monthly one.
+        d = datetime.fromtimestamp(self.now, UTC).date()
+        if self.limit.startswith("monthly"):
+            end = date(d.year + (d.month == 12), d.month % 12 + 1, 1)
+        else:
+            end = date.fromordinal(d.toordinal() + 1)
+        secs = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp() - self.now
+        return [(b"x-should-retry", b"false"), *_retry_after(secs)]
 
 
 class InvalidJSON(ProxyError):
@@ -144,5 +154,32 @@ class ServerOverloaded(ProxyError):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", b"1")]
+
+
 class ModelNotPriced(ProxyError):
     status, type, code = 403, "permission_error", "model_not_priced"
+
+
+def _retry_after(secs: float) -> list[tuple[bytes, bytes]]:
+    """SPEC: whole seconds rounded up, and milliseconds; never 0 (a client would retry at once)."""
+    secs = max(secs, 0.0)
+    return [(b"retry-after", str(max(math.ceil(secs), 1)).encode()),
+            (b"retry-after-ms", str(max(math.ceil(secs * 1000), 1)).encode())]
+
+
+def error_response(err: ProxyError, request_id: str | None = None
+                   ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of the answer to a ProxyError."""
+    body = err.body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *err.headers()]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    return err.status, headers, body
+
+
+async def send_error(send: Any, err: ProxyError, request_id: str | None = None) -> None:
+    """Answer with `err` on a raw ASGI `send`."""
+    status, headers, body = error_response(err, request_id)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

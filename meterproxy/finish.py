@@ -1,55 +1,36 @@
-"""After the last byte: decide the request's usage (provider's, or estimated), settle the
-reservation, write the ledger record and the metrics. Runs in the handler's `finally`, so errors,
-broken streams and client disconnects are metered too; nothing here delays the client's response."""
+"""Metering one forwarded request: decide its usage (provider's, or estimated) and settle the
+reservation — `settle`, which the forwarder awaits before the answer's last byte so that a client's
+next request sees it (SPEC "Read-your-writes") — then, after the last byte, write the ledger record
+and the metrics (`finish`, in the handler's `finally`, so errors, broken streams and client
+disconnects are metered and settled too)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
 from meterproxy import logs
 from meterproxy.auth import authenticate
-from meterproxy.config import Config, Principal
-from meterproxy.errors import ProxyError
-from meterproxy.h1client import Response
+from meterproxy.config import Config
+from meterproxy.errors import AuthError, ProxyError
 from meterproxy.headers import client_request_id
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
 from meterproxy.metering.estimate import encoding_ready, estimate_usage
-from meterproxy.metering.scan import StreamScanner
 from meterproxy.metering.usage import Usage
 from meterproxy.pricing import nano_to_usd
-from meterproxy.request import Call
+from meterproxy.record import Call, Outcome
+from meterproxy.request import PRINCIPAL
 from meterproxy.state import AppState
 
 log = logging.getLogger("meterproxy")
 
 CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
 _BIG_PROMPT = 32_768  # bytes of body beyond which tokenising moves off the event loop
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened on the wire, filled in by the forwarder."""
-
-    done: bool = False
-    client_gone: bool = False
-    sent_upstream: bool = False
-    complete: bool = False
-    stream: bool = False
-    broken: bool = False
-    status: int = 0
-    upstream_error: str | None = None
-    ttft: float | None = None
-    usage: Usage | None = None
-    json: Any = None
-    scanner: StreamScanner | None = None
-    resp: Response | None = None
 
 
 def _estimate(call: Call, out: Outcome) -> Usage:
@@ -94,7 +75,47 @@ async def finish(state: AppState, call: Call, out: Outcome) -> None:
         log.exception("metering failed for request %s", call.request_id)
 
 
-_SETTLE_RETRIES: set[asyncio.Task[None]] = set()   # strong references to the retry tasks
+async def _decide(state: AppState, call: Call, out: Outcome) -> Usage:
+    usage = out.billed
+    if usage is not None:
+        return usage
+    try:
+        usage = await _usage(state, call, out)
+    except StoreError as exc:
+        state.health.failed(exc.operation, exc)
+        usage = out.usage or Usage()
+    except Exception:   # e.g. an estimate that failed: record what arrived rather than nothing
+        log.exception("usage of request %s undetermined; recording what arrived", call.request_id)
+        usage = out.usage or Usage()
+    out.cost_nano, out.priced = call.cfg.prices.cost_nano(call.model, usage) if call.model else (0, True)
+    out.billed = usage
+    return usage
+
+
+async def settle(state: AppState, call: Call, out: Outcome) -> None:
+    """Decide the usage and send the settlement to the limiter, once. The forwarder awaits this
+    before the answer's last byte; `finish` calls it for answers that ended otherwise. A store
+    failure schedules a retry instead of raising."""
+    if out.settled:
+        return
+    t0 = perf_counter()
+    out.settling = True
+    try:
+        usage = await _decide(state, call, out)
+        out.settled = True
+        adm = call.adm
+        if adm is None and state.outage is not None:   # served open while the store was down
+            state.outage.add(call.principal.key_id, call.principal.user, usage.total, out.cost_nano,
+                             time.time())
+        if adm is not None:
+            try:
+                await state.limiter.settle(adm, usage.total, out.cost_nano)
+            except StoreError as exc:
+                state.health.failed(exc.operation, exc)
+                _settle_later(state, adm, usage.total, out.cost_nano)
+    finally:
+        out.settling = False
+        call.overhead += perf_counter() - t0
 
 
 def _settle_later(state: AppState, adm: Admission, tokens: int, cost_nano: int) -> None:
@@ -102,7 +123,8 @@ def _settle_later(state: AppState, adm: Admission, tokens: int, cost_nano: int) 
 
     Giving up at once left the request's concurrency lease held until `lease_ttl_s` (15 min by
     default) and its reservation charged instead of the real usage: a store hiccup of a second as
-    two streams ended locked a key with concurrency 2 out for 15 minutes (issue #7)."""
+    two streams ended locked a key with concurrency 2 out for 15 minutes (issue #7). The task is
+    one of `state.tasks`, which shutdown waits for."""
     async def retry() -> None:
         delay = 0.25
         for _ in range(10):       # 0.25 + 0.5 + 1 + 2 + 4 + 8 x 5 s ≈ 48 s
@@ -116,25 +138,18 @@ def _settle_later(state: AppState, adm: Admission, tokens: int, cost_nano: int) 
                     adm.request_id)
 
     task = asyncio.get_running_loop().create_task(retry())
-    _SETTLE_RETRIES.add(task)
-    task.add_done_callback(_SETTLE_RETRIES.discard)
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
 
 
 async def _finish(state: AppState, call: Call, out: Outcome) -> None:
     t_fin = perf_counter()
     status = CLIENT_CLOSED if out.client_gone else (out.status or 502)
-    try:
-        usage = await _usage(state, call, out)
-    except StoreError as exc:
-        state.health.failed(exc.operation, exc)
-        usage = out.usage or Usage()
-    except Exception:   # e.g. an estimate that failed: record what arrived rather than nothing
-        log.exception("usage of request %s undetermined; recording what arrived", call.request_id)
-        usage = out.usage or Usage()
-    cost_nano, priced = call.cfg.prices.cost_nano(call.model, usage) if call.model else (0, True)
-    # The record and the counters first: they need nothing from the store, so settlement (a
-    # store round trip, the only await left) can no longer keep them from being written. Settling
-    # first once lost records when it raised (CI run of 2026-11-22).
+    usage = await _decide(state, call, out)
+    cost_nano = out.cost_nano
+    # The record and the counters before a settlement still owed (a store round trip, the only
+    # await left), so that it cannot keep them from being written. Settling first once lost
+    # records when it raised (CI run of 2026-11-22).
     p = call.principal
     duration = t_fin - call.t0
     state.ledger.submit(UsageRecord(
@@ -152,34 +167,31 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
                    cached_prompt=usage.cached_prompt, completion=usage.completion,
                    reasoning=usage.reasoning, cost_usd=nano_to_usd(cost_nano),
                    # pass-through (not a metered path nor a run's poll) needs no price
-                   priced=priced or not call.model or not (call.metered or call.poll_uid is not None),
+                   priced=out.priced or not call.model or not (call.metered or call.poll_uid is not None),
                    cache_write=usage.cache_write)
     m.child(m.duration, call.provider.name, model, "true" if out.stream else "false").observe(duration)
     if out.ttft is not None:
         m.child(m.ttft, call.provider.name, model).observe(out.ttft)
     if out.upstream_error is not None:
         m.upstream_errors.labels(call.provider.name, out.upstream_error).inc()
-        logs.upstream_failed(call.request_id, call.provider.name, call.provider.base_url, out.upstream_error)
+        logs.upstream_failed(call.request_id, call.provider.name, call.provider.origin.host_header.decode(),
+                             out.upstream_error)
     # Before settlement, the one await left: the access line cannot be lost to a store fault.
     logs.access(call.request_id, p, call.provider.name, call.model, status, usage.source, usage.prompt,
                 usage.completion, cost_nano, duration, len(call.body_bytes))
-    if call.adm is None and state.outage is not None:   # admitted while the store was down
-        state.outage.add(p.key_id, p.user, usage.total, cost_nano, time.time())
-    if call.adm is not None:
-        try:
-            await state.limiter.settle(call.adm, usage.total, cost_nano)
-        except StoreError as exc:
-            state.health.failed(exc.operation, exc)
-            _settle_later(state, call.adm, usage.total, cost_nano)
-    m.overhead.observe(call.overhead + (perf_counter() - t_fin))
+    overhead = call.overhead  # settle adds its own time to call.overhead; counted once here
+    await settle(state, call, out)
+    m.overhead.observe(overhead + (perf_counter() - t_fin))
 
 
 def record_rejection(state: AppState, cfg: Config, scope: dict[str, Any], err: ProxyError) -> None:
     """Count and log a request the proxy answered itself, counted under its key when it was valid."""
-    try:
-        p: Principal | None = authenticate(cfg, scope["headers"])
-    except ProxyError:
-        p = None  # no valid key: nothing to attribute (and no label from client input)
+    p = scope.get(PRINCIPAL)
+    if p is None and not isinstance(err, AuthError):
+        try:  # refused before authentication (its path): counted under the key if it is valid
+            p = authenticate(cfg, scope["headers"])
+        except ProxyError:
+            p = None  # no valid key: nothing to attribute (and no label from client input)
     provider = cfg.route(scope["path"])
     logs.access(client_request_id(scope["headers"]) or "-", p, provider.name if provider else "-", "-",
                 err.status, "-", 0, 0, 0, 0.0, 0)

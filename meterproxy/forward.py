@@ -1,8 +1,10 @@
 """The proxy route: a raw ASGI app (no Starlette request objects on the hot path).
 
-Flow per request: prepare (route, auth, body, admission) → upstream request (meterproxy/h1client.py) → response
-headers → body: JSON answers are read whole (usage is in them), SSE streams go chunk by chunk
-through the scanner to `send` as they arrive → after the last byte, `finish` meters and settles.
+Flow per request: prepare (route, auth, body, admission) → upstream request (meterproxy/transport/)
+→ response headers → body: JSON answers are read whole and parsed for usage, SSE streams go chunk
+by chunk through the scanner to `send` as they arrive → `settle` before the last byte (a JSON
+body, a stream's final message), so a client's next request sees this one settled (SPEC
+"Read-your-writes") → after it, `finish` writes the ledger record and the metrics.
 
 Client disconnects are watched by one `receive()` future per request: when it reports
 `http.disconnect` mid-request the handler task is cancelled, which closes the upstream response at
@@ -18,28 +20,17 @@ from typing import Any
 
 import orjson
 
-from meterproxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
-from meterproxy.finish import Outcome, finish, record_rejection
-from meterproxy.h1client import Response
+from meterproxy.errors import ProxyError, send_error
+from meterproxy.finish import finish, record_rejection, settle
 from meterproxy.headers import ratelimit_headers, response_headers, upstream_headers
 from meterproxy.metering.body import usage_in_json
 from meterproxy.metering.scan import StreamScanner
-from meterproxy.request import Call, ClientGone, prepare
+from meterproxy.record import Call, Outcome
+from meterproxy.request import ClientGone, prepare
 from meterproxy.state import AppState
-from meterproxy.upstream import error_kind
+from meterproxy.transport import Response, TransportError
 
 log = logging.getLogger("meterproxy")
-
-
-async def send_error(send: Any, err: ProxyError, request_id: str | None,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = err.body()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *err.headers(), *(extra or [])]
-    if request_id:
-        headers.append((b"x-request-id", request_id.encode()))
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class ProxyRoute:
@@ -57,13 +48,13 @@ class ProxyRoute:
             return
         except ProxyError as err:
             record_rejection(state, cfg, scope, err)
-            await send_error(send, err, None)
+            await send_error(send, err)
             return
         await self._forward(call, scope, receive, send)
 
     async def _forward(self, call: Call, scope: dict[str, Any], receive: Any, send: Any) -> None:
         state = self.state
-        out = Outcome()
+        out = call.out
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(receive())
@@ -71,7 +62,8 @@ class ProxyRoute:
         def on_disconnect(fut: asyncio.Future[Any]) -> None:
             if not out.done and not fut.cancelled() and fut.exception() is None:
                 out.client_gone = True
-                task.cancel()
+                if not out.settling:  # a settlement in flight finishes (its store call is bounded)
+                    task.cancel()
 
         watcher.add_done_callback(on_disconnect)
         inflight = state.metrics.child(state.metrics.inflight, call.provider.name)
@@ -105,29 +97,27 @@ class ProxyRoute:
         state = self.state
         provider = call.provider
         client = scope.get("client")
-        url = provider.base_url + call.raw_path.decode("latin-1")
-        if call.query:
-            url += "?" + call.query.decode("latin-1")
+        target = call.raw_path + b"?" + call.query if call.query else call.raw_path
         headers = upstream_headers(scope["headers"], provider, client[0] if client else None,
                                    call.request_id, call.inject_usage)
         call.overhead += perf_counter() - call.t0
         out.sent_upstream = True
+        server = call.cfg.server
         try:
             resp = await state.upstream.request(
-                call.method, url, headers,
+                provider.origin, call.method, target, headers,
                 call.body_bytes if call.body_bytes or call.method not in ("GET", "HEAD") else None,
-                call.cfg.server.upstream_timeout_s)
-        except ProxyError as err:
+                server.upstream_timeout_s, server.stream_idle_timeout_s)
+        except TransportError as err:
             out.status = err.status
-            out.upstream_error = error_kind(err.__cause__ or err)
+            out.upstream_error = err.kind
             await send_error(send, err, call.request_id)
             out.complete = True
             return
         out.resp = resp  # from here on the finally in _forward releases or closes it
         t_hdr = perf_counter()
         out.status = resp.status
-        ctype = resp.headers.get("Content-Type", "")
-        is_stream = ctype.startswith("text/event-stream")
+        is_stream = (resp.header(b"content-type") or b"").startswith(b"text/event-stream")
         out.stream = is_stream
         hdrs = response_headers(resp.raw_headers, drop_length=is_stream and call.inject_usage)
         hdrs += ratelimit_headers(call.decision.snapshot if call.decision else None)
@@ -139,51 +129,48 @@ class ProxyRoute:
 
     async def _whole(self, call: Call, resp: Response, send: Any, out: Outcome,
                      hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
-        """A non-stream answer: read it (usage is inside), then send it unchanged."""
+        """A non-stream answer: read it, parse its usage and settle, then send it unchanged."""
         call.overhead += perf_counter() - t_hdr
         try:
             body = await resp.read()
-        except OSError as exc:  # TimeoutError, BrokenStream (both OSErrors)
-            err: ProxyError = (UpstreamTimeout("The provider did not answer in time.")
-                               if isinstance(exc, asyncio.TimeoutError)
-                               else UpstreamUnreachable("The provider closed the connection."))
+        except TransportError as err:
             out.status = err.status
-            out.upstream_error = error_kind(exc)
+            out.upstream_error = err.kind
             await send_error(send, err, call.request_id)
             out.complete = True
             return
         t_body = perf_counter()
         out.complete = True
-        try:
-            await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-        finally:
-            # Usage is read after the last byte went out (the client does not wait for the JSON
-            # parse), and even if the client left during the send: the provider did the work.
-            # A run poll is a GET (not a metered path) but its finished result carries the run's
-            # usage (issue #3: it was never parsed, so async runs were never metered).
-            if (call.metered or call.poll_uid is not None) and 200 <= resp.status < 300 and body:
-                try:
-                    out.json = orjson.loads(body)
-                except orjson.JSONDecodeError:
-                    out.json = None
-                out.usage = usage_in_json(out.json, call.family)
-            call.overhead += perf_counter() - t_body
+        # A run poll is a GET (not a metered path) but its finished result carries the run's
+        # usage (issue #3: it was never parsed, so async runs were never metered).
+        if (call.metered or call.poll_uid is not None) and 200 <= resp.status < 300 and body:
+            try:
+                out.json = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                out.json = None
+            out.usage = usage_in_json(out.json, call.family)
+        call.overhead += perf_counter() - t_body
+        await settle(self.state, call, out)  # before the last byte: read-your-writes
+        await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream(self, call: Call, resp: Response, send: Any, out: Outcome,
                       hdrs: list[tuple[bytes, bytes]], t_hdr: float) -> None:
-        """An SSE answer: every chunk to the client as it arrives, scanned for usage on the way."""
+        """An SSE answer: every chunk to the client as it arrives, scanned for usage on the way,
+        except the last: from the chunk that carries the final event ([DONE], message_stop,
+        response.completed; SDKs act on it without waiting for the body's end) or that ends
+        the body, the bytes are held until the settlement is sent (read-your-writes)."""
         scanner = StreamScanner(call.family, strip_usage=call.inject_usage)
         out.scanner = scanner
         await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
         now = perf_counter()
         call.overhead += now - t_hdr
-        content = resp.content
         first = True
         scan_time = 0.0
+        held: list[bytes] = []
         try:
             while True:
-                chunk = await content.readany()
+                chunk = await resp.readany()
                 t_got = perf_counter()
                 if not chunk:
                     break
@@ -192,14 +179,17 @@ class ProxyRoute:
                     first = False
                 data = scanner.feed(chunk)
                 scan_time += perf_counter() - t_got
-                if data:
+                if held or scanner.saw_done or resp.done:
+                    held.append(data)
+                elif data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             out.complete = True
-        except OSError as exc:  # TimeoutError, BrokenStream (both OSErrors)
-            out.upstream_error = error_kind(exc)
+        except TransportError as err:  # broken, timed out, idle too long
+            out.upstream_error = err.kind
             out.broken = True
         call.overhead += scan_time
-        rest = scanner.finish()
+        held.append(scanner.finish())
+        rest = b"".join(held)
         out.usage = scanner.usage
         if out.broken:
             # The provider broke the stream (or it timed out): forward what came, then return
@@ -209,4 +199,5 @@ class ProxyRoute:
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
             return
+        await settle(self.state, call, out)  # before the last byte: read-your-writes
         await send({"type": "http.response.body", "body": rest, "more_body": False})

@@ -37,28 +37,29 @@ def client_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 
 
 def upstream_headers(headers: list[tuple[bytes, bytes]], provider: Provider, client_ip: str | None,
-                     request_id: str, body_replaced: bool) -> list[tuple[str, str]]:
+                     request_id: str, body_replaced: bool) -> list[tuple[bytes, bytes]]:
     """End-to-end client headers minus credentials and hop-by-hop, plus the provider's credential,
     x-forwarded-for and x-request-id."""
     drop = _CLIENT_OWNED | _connection_tokens(headers)
     if provider.auth_header is not None:
         drop = drop | {provider.auth_header}
-    out: list[tuple[str, str]] = []
-    xff: str | None = None
+    out: list[tuple[bytes, bytes]] = []
+    xff: bytes | None = None
     for name, value in headers:
         if name in drop:
             continue
         if name == b"x-forwarded-for":
-            xff = value.decode("latin-1")
+            xff = value
             continue
         if body_replaced and name == b"content-encoding":
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        out.append((name, value))
     if client_ip:
-        out.append(("x-forwarded-for", f"{xff}, {client_ip}" if xff else client_ip))
-    out.append(("x-request-id", request_id))
+        ip = client_ip.encode("latin-1")
+        out.append((b"x-forwarded-for", xff + b", " + ip if xff else ip))
+    out.append((b"x-request-id", request_id.encode("latin-1")))
     if provider.auth_header is not None and provider.auth_value is not None:
-        out.append((provider.auth_header.decode("latin-1"), provider.auth_value.decode("latin-1")))
+        out.append((provider.auth_header, provider.auth_value))
     return out
 
 

@@ -178,7 +178,7 @@ def access(request_id: str, principal: Principal | None, provider: str, model: s
         access_log.info("access", extra={"access": fields})
 
 
-def upstream_failed(request_id: str, provider: str, base_url: str, kind: str) -> None:
+def upstream_failed(request_id: str, provider: str, host: str, kind: str) -> None:
     """A provider that could not be reached, timed out or broke its stream: which and where."""
-    log.warning("upstream %s: provider %s (host %s), request %s", kind, provider, _host(base_url),
+    log.warning("upstream %s: provider %s (host %s), request %s", kind, provider, host,
                 request_id[:_MAX_VALUE])

@@ -6,7 +6,7 @@ Produces a `Call` — everything the forwarder and the metering step need to kno
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import time
 from time import perf_counter
 from typing import Any
 
@@ -14,7 +14,7 @@ import orjson
 
 from meterproxy.auth import authenticate
 from meterproxy.bodies import check_model_id, form_fields, form_models, json_object, with_include_usage
-from meterproxy.config import Config, Principal, Provider
+from meterproxy.config import Config, Principal
 from meterproxy.endpoints import Endpoint, check_path, classify, normalise, path_model
 from meterproxy.errors import (
     BodyTooLarge,
@@ -30,44 +30,23 @@ from meterproxy.errors import (
     UnknownRoute,
 )
 from meterproxy.headers import client_request_id
-from meterproxy.limits import Admission, Decision, StoreError
+from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.reserve import MAX_N, reservation_tokens
 from meterproxy.metering.usage import Usage
+from meterproxy.record import Call
 from meterproxy.runs import run_path_uid
 from meterproxy.state import AppState
 
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_usd", "monthly_usd"})
 
 
+# Where prepare leaves the authenticated principal in the ASGI scope (as Starlette's
+# AuthenticationMiddleware does), so a rejection is attributed without authenticating again.
+PRINCIPAL = "meterproxy.principal"
+
+
 class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
-
-
-@dataclass(slots=True)
-class Call:
-    cfg: Config
-    provider: Provider
-    principal: Principal
-    request_id: str            # x-request-id (the client's if sane)
-    uid: str                   # internal, unique: reservation, lease and ledger idempotency
-    t0: float
-    method: str
-    raw_path: bytes
-    query: bytes
-    body_bytes: bytes
-    body: dict[str, Any] | None  # the parsed JSON body; dropped (None) once admitted
-    model: str
-    metered: bool
-    stream_requested: bool
-    inject_usage: bool
-    async_create: bool
-    poll_uid: str | None
-    adm: Admission | None = None
-    decision: Decision | None = None
-    overhead: float = 0.0
-    usage: Usage | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    family: str = ""           # the metered endpoint's wire family (endpoints.py); "" = not metered
 
 
 def _reject_traversal(path: str) -> None:
@@ -154,7 +133,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
     if provider is None:
         raise UnknownRoute(f"No provider is configured for {path}.")
     headers: list[tuple[bytes, bytes]] = scope["headers"]
-    principal = authenticate(cfg, headers)
+    principal = scope[PRINCIPAL] = authenticate(cfg, headers)  # a rejection below is counted under it
     method: str = scope["method"]
     body_bytes = await read_body(receive, cfg.server.max_body_bytes, headers)
     norm = normalise(path)
@@ -220,7 +199,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
         request_id=client_request_id(headers) or uid, uid=uid, t0=t0, method=method,
         raw_path=raw_path, query=scope.get("query_string", b""),
         body_bytes=body_bytes, body=body, model=model, metered=metered,
-        stream_requested=stream_requested, inject_usage=inject, async_create=async_create,
+        inject_usage=inject, async_create=async_create,
         poll_uid=poll_uid, family=endpoint.family if endpoint is not None else "",
     )
     await admit(state, call)
@@ -253,7 +232,8 @@ async def admit(state: AppState, call: Call) -> None:
                 f"Request too large: it needs about {tokens} tokens, more than the tokens-per-minute "
                 f"capacity of this key or user. Reduce max_tokens or the prompt.")
         if limit in _BUDGETS:
-            raise QuotaExceeded(f"You exceeded your {limit.replace('_', ' ')} budget.", limit=limit)
+            raise QuotaExceeded(f"You exceeded your {limit.replace('_', ' ')} budget.", limit=limit,
+                                now=time.time())
         raise RateLimited(f"Rate limit reached for {limit}. Try again later.", limit=limit,
                           retry_after_s=decision.retry_after_s)
     call.adm = adm

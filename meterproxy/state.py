@@ -14,7 +14,7 @@ from meterproxy.labels import ModelLabels
 from meterproxy.limits import Limiter
 from meterproxy.metrics import Metrics
 from meterproxy.runs import RunRegistry
-from meterproxy.upstream import Upstream
+from meterproxy.transport import Client
 
 if TYPE_CHECKING:
     from meterproxy.ledger import Ledger
@@ -46,7 +46,7 @@ class StoreHealth:
 @dataclass
 class AppState:
     config: Config
-    upstream: Upstream
+    upstream: Client
     limiter: Limiter
     ledger: Ledger
     runs: RunRegistry
@@ -54,5 +54,5 @@ class AppState:
     labels: ModelLabels
     health: StoreHealth
     outage: OutageUsage | None = None   # usage served while Redis was down (on_error: open)
+    # Request handlers and settlement retries, which shutdown waits for.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    draining: bool = False

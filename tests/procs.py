@@ -1,7 +1,10 @@
-"""Real-process helpers for tests: redis-server and uvicorn processes on ephemeral loopback ports.
+"""Real processes on ephemeral loopback ports, for the tests and the benchmark (bench/services.py).
 
 Tests use real servers, never fakes: a redis-server started here on a free port (and stopped), and
-`meterproxy serve` / `meterproxy simulate` as subprocesses reached over sockets.
+`meterproxy serve` / `meterproxy simulate` as subprocesses reached over sockets (`Proc`). The
+benchmark's `Service` runs each under `taskset` on the cores it is given, in its own session, and
+reads CPU and RSS over its whole process tree (uvicorn's supervisor and workers; nginx's master
+and worker).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,3 +206,94 @@ class PostgresServer:
     def cleanup(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+# --- benchmark services --------------------------------------------------------------------------
+
+def pinned(cores: str, argv: Sequence[str]) -> list[str]:
+    """argv run on `cores` ("0", "1", "0,1") with taskset."""
+    return ["taskset", "-c", cores, *argv]
+
+
+class Service:
+    """One started server process (and its children)."""
+
+    def __init__(self, name: str, argv: list[str], port: int, *, cores: str,
+                 env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.name, self.port, self.cores = name, port, cores
+        self.log = log
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self._out = out
+        self.proc = subprocess.Popen(pinned(cores, argv), stdout=out, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, cwd=ROOT,
+                                     start_new_session=True)
+        self.ps = psutil.Process(self.proc.pid)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> Service:
+        try:
+            wait_port(self.port, timeout, self.proc)
+        except RuntimeError as exc:
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log else ""
+            raise RuntimeError(f"{self.name}: {exc}\n{tail}") from exc
+        return self
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            return [self.ps, *self.ps.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu_s(self) -> float:
+        """user+sys CPU seconds of the process and its live children."""
+        total = 0.0
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def sched_ns(self) -> tuple[int, int]:
+        """(ns on a CPU, ns runnable but waiting for a CPU) over every thread of the tree, from
+        /proc/<pid>/task/<tid>/schedstat: the wait shows when other processes crowd the core."""
+        run = wait = 0
+        for p in self.tree():
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{p.pid}/task").iterdir():
+                    with contextlib.suppress(OSError, ValueError):
+                        f = (task / "schedstat").read_text().split()
+                        run += int(f[0])
+                        wait += int(f[1])
+        return run, wait
+
+    def rss(self) -> int:
+        """Resident set size in bytes, summed over the process tree."""
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += p.memory_info().rss
+        return total
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve requests: the children if there are any, else the process."""
+        kids = self.tree()[1:]
+        return [p.pid for p in kids] or [self.proc.pid]
+
+    def set_cores(self, cores: str) -> None:
+        """Move the whole tree to other cores (for the --workers scaling comparison)."""
+        cpus = {int(c) for c in cores.split(",")}
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.cpu_affinity(sorted(cpus))
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._out is not subprocess.DEVNULL:
+            self._out.close()  # type: ignore[union-attr]

@@ -8,8 +8,9 @@ from meterproxy.auth import key_hash, presented_key
 from meterproxy.config import Provider
 from meterproxy.errors import AuthError
 from meterproxy.headers import client_request_id, fmt_reset, response_headers, upstream_headers
+from meterproxy.transport import Origin
 
-PROV = Provider(name="p", base_url="http://h", auth_header=b"authorization", auth_value=b"Bearer S",
+PROV = Provider(name="p", origin=Origin.parse("http://h"), auth_header=b"authorization", auth_value=b"Bearer S",
                 stream_by_default=False, poll_prefix=None, poll_suffix="", runs_ttl_s=1.0)
 
 
@@ -53,8 +54,8 @@ def test_upstream_headers_hygiene() -> None:
             (b"connection", b"keep-alive, x-secret-hop"), (b"x-secret-hop", b"1"), (b"te", b"trailers"),
             (b"content-length", b"10"), (b"x-forwarded-for", b"1.2.3.4"), (b"x-keep", b"yes")]
     out = dict(upstream_headers(hdrs, PROV, "127.0.0.1", "rid", False))
-    assert out == {"x-keep": "yes", "x-forwarded-for": "1.2.3.4, 127.0.0.1", "x-request-id": "rid",
-                   "authorization": "Bearer S"}
+    assert out == {b"x-keep": b"yes", b"x-forwarded-for": b"1.2.3.4, 127.0.0.1", b"x-request-id": b"rid",
+                   b"authorization": b"Bearer S"}
 
 
 def test_response_headers_drop_hop_and_provider_ratelimits() -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -324,7 +325,12 @@ def test_monthly_usd_budget(sim: Proc, store_url: str | None, tmp_path: Path) ->
                 r = exc.response
                 _assert_429(r, "insufficient_quota", "insufficient_quota")
                 assert exc.code == "insufficient_quota"
-                assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+                assert r.headers["x-should-retry"] == "false"
+                # SPEC: Retry-After = seconds until the window resets (the first of next month, UTC)
+                now = datetime.now(UTC)
+                reset = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+                assert abs(int(r.headers["retry-after"]) - (reset - now).total_seconds()) <= 3
+                assert abs(int(r.headers["retry-after-ms"]) / 1000 - (reset - now).total_seconds()) <= 3
                 break
             # A request is admitted only while the priced usage so far is under the budget.
             assert spent < budget

@@ -1,9 +1,9 @@
 """One upstream HTTP/1.1 connection (an asyncio.Protocol parsing with httptools) and the response
-it is reading. The pool, connecting and request writing are in meterproxy/h1client.py.
+it is reading. The pool, connecting and request writing are in meterproxy/transport/pool.py.
 
 Everything here runs inside the event loop's read callback: `data_received` feeds the parser, the
 parser's callbacks put body bytes on the response and wake whoever awaits it. No Task and no
-stream object per request: one future per wait, one timer per request (the total timeout).
+stream object per request: one future per wait, one timer per request (deadline and idle timeout).
 
 State of a response, from the connection's side:
     headers pending  status == 0
@@ -19,12 +19,11 @@ serving the next request.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast, overload
+from typing import Protocol, cast
 
 import httptools
 
-if TYPE_CHECKING:
-    from meterproxy.h1client import Pool
+from meterproxy.transport.errors import BrokenStream, ClosedBeforeAnswer, IdleTimeout, Timeout, TransportError
 
 # Unread body bytes beyond which the socket stops being read (TCP then pushes back on the
 # provider): a slow client must not make the proxy buffer a whole stream.
@@ -34,53 +33,11 @@ READ_HIGH_WATER = 64 * 1024
 MAX_HEADER_BYTES = 256 * 1024
 
 
-class ConnectError(OSError):
-    """No connection to the provider (refused, unreachable, TLS handshake failed)."""
+class Owner(Protocol):
+    """What a connection needs from its pool (meterproxy/transport/pool.py)."""
 
-
-class DNSError(ConnectError):
-    """The provider's host name did not resolve."""
-
-
-class BrokenStream(ConnectionError):
-    """The connection ended, or the provider sent something that is not HTTP/1.1, before the
-    response was complete."""
-
-
-class ClosedBeforeAnswer(BrokenStream):
-    """The connection ended before a single response byte: on a kept-alive connection, most
-    likely the provider closing it as idle just as the request went out."""
-
-
-class Headers:
-    """Read-only, case-insensitive view of the response headers; the first value wins (like
-    aiohttp's CIMultiDict.get). A linear scan: a response has a dozen headers, read once or twice."""
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        self._raw = raw
-
-    @overload
-    def get(self, name: str) -> str | None: ...
-    @overload
-    def get(self, name: str, default: str) -> str: ...
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        key = name.lower().encode("latin-1")
-        for k, v in self._raw:
-            if k.lower() == key:
-                return v.decode("latin-1")
-        return default
-
-    def __getitem__(self, name: str) -> str:
-        value = self.get(name)
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+    def put(self, conn: Connection) -> None: ...
+    def forget(self, conn: Connection) -> None: ...
 
 
 def _wake(resp: Response) -> None:
@@ -92,33 +49,48 @@ def _wake(resp: Response) -> None:
 
 
 class Response:
-    """An upstream response: `status`, `headers`, `raw_headers` (wire order and bytes), then the
-    body through `read()` (whole) or `content.readany()` (as it arrives); end with `release()`
-    (body read) or `close()` (abandon: the connection is dropped so the provider stops)."""
+    """An upstream response: `status`, `raw_headers` (wire order and bytes; `header()` finds one),
+    then the body through `read()` (whole) or `readany()` (as it arrives); end with `release()`
+    (body read) or `close()` (abandon: the connection is dropped so the provider stops).
 
-    __slots__ = ("_body", "_chunks", "_conn", "_done", "_exc", "_loop", "_size", "_timer", "_waiter",
-                 "_whole", "headers", "raw_headers", "status")
+    One timer per response serves both timeouts: it fires at the earlier of the deadline (whole
+    exchange) and `idle_s` after the last byte, and re-arms itself while bytes keep coming, so a
+    steady stream costs one loop.time() per read, not a timer per chunk."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
+    __slots__ = ("_body", "_chunks", "_conn", "_deadline", "_done", "_exc", "_idle", "_last", "_loop",
+                 "_size", "_timer", "_waiter", "_whole", "raw_headers", "status")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Connection, deadline: float,
+                 idle_s: float) -> None:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.headers = Headers(self.raw_headers)
         self._loop = loop
+        self._deadline = deadline
+        self._idle = idle_s
+        self._last = loop.time()
         self._conn: Connection | None = conn
         self._chunks: list[bytes] = []
         self._size = 0
         self._done = False
         self._whole = False  # read() is collecting the whole body: no wake-up per piece, no pausing
-        self._exc: BaseException | None = None
+        self._exc: TransportError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = loop.call_at(min(deadline, self._last + idle_s),
+                                                                self._on_timer)
         self._body: bytes | None = None
 
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (`name` in lower case). A linear scan: a response has a
+        dozen headers, read once or twice."""
+        for k, v in self.raw_headers:
+            if k.lower() == name:
+                return v
+        return None
+
     @property
-    def content(self) -> Response:
-        """aiohttp's spelling, resp.content.readany(). A property, not `self.content = self`: that
-        would be a reference cycle per request, kept (with its body) until the cyclic GC runs."""
-        return self
+    def done(self) -> bool:
+        """The whole body has arrived (what is left to read is buffered here)."""
+        return self._done
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -144,7 +116,7 @@ class Response:
         once (the deadline is for the whole exchange)."""
         while True:
             exc = self._exc
-            if self._chunks and not isinstance(exc, TimeoutError):
+            if self._chunks and not isinstance(exc, Timeout):
                 chunks = self._chunks
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
@@ -186,7 +158,7 @@ class Response:
             self._timer = None
             timer.cancel()
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: TransportError) -> None:
         """Final error: any wait raises it. The caller has detached the connection."""
         if self._done or self._exc is not None:
             return
@@ -194,15 +166,24 @@ class Response:
         self._cancel_timer()
         _wake(self)
 
-    def _on_timeout(self) -> None:
-        """The total timeout (whole exchange) expired: the connection is closed mid-answer."""
+    def _on_timer(self) -> None:
+        """The deadline passed, or no byte came for `idle_s`: the connection is closed mid-answer."""
         self._timer = None
+        now = self._loop.time()
+        err: Timeout
+        if now >= self._deadline:
+            err = Timeout("the provider did not finish answering in time")
+        elif now - self._last >= self._idle:
+            err = IdleTimeout(f"the provider sent nothing for {self._idle:g} s")
+        else:  # bytes came since the timer was armed
+            self._timer = self._loop.call_at(min(self._deadline, self._last + self._idle), self._on_timer)
+            return
         conn = self._conn
         if conn is not None:
             self._conn = None
             conn.resp = None
             conn.abort()
-        self._fail(TimeoutError("the provider did not finish answering in time"))
+        self._fail(err)
 
 
 class Connection(asyncio.Protocol):
@@ -212,7 +193,7 @@ class Connection(asyncio.Protocol):
 
     transport: asyncio.Transport
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Owner) -> None:
         self.pool = pool
         self.parser = httptools.HttpResponseParser(self)
         self.resp: Response | None = None
@@ -246,11 +227,13 @@ class Connection(asyncio.Protocol):
         resp._fail(err)
 
     def data_received(self, data: bytes) -> None:
-        if self.resp is None:
+        resp = self.resp
+        if resp is None:
             # Bytes nobody asked for (a 408 on an idle connection, or junk after a response):
             # this connection's framing can no longer be trusted.
             self.transport.abort()
             return
+        resp._last = resp._loop.time()  # the idle timer reads it when it fires
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:

@@ -1,26 +1,6 @@
-"""A lean HTTP/1.1 client for the upstream hop, built for exactly what the proxy needs.
-
-Why not aiohttp: under load its ClientSession was the largest single cost in the proxy's profile
-(~25% of CPU until response headers at 32 concurrent requests, plus body reading, per-request
-timeout handles, ClientRequest/auto-header machinery, StreamWriter). This client does one thing:
-send a request head (+ body) in one write on a pooled keep-alive connection, and parse the answer
-with httptools (meterproxy/h1conn.py).
-
-What it does, and deliberately does not:
-- one keep-alive pool per origin (scheme, host, port), unbounded (the proxy's own concurrency
-  limits bound it, as aiohttp's limit=0 did); idle connections are closed after `keepalive_s` by
-  one timer per pool; a connection whose transport is closing is never picked, one the server
-  closed while idle is removed when asyncio reports it lost.
-- one timer per request for the total timeout (headers and the whole body); connecting (DNS,
-  TCP, TLS) is bounded by the connect timeout too.
-- no retries of a POST: an LLM call is not idempotent and costs money. A POST sent on a kept-alive
-  connection that the server closed at that very moment fails (BrokenStream), as with aiohttp; a
-  GET/HEAD/OPTIONS (a run poll) is sent once more on a new connection, as aiohttp did.
-- bodies pass byte for byte: no decompression, no Accept-Encoding/User-Agent/Accept added, no
-  cookies, no redirects, no proxies from the environment, no Expect: 100-continue.
-- request headers are the caller's, in its order, plus Host and Content-Length (when a body is
-  given); header bytes are sent as latin-1 (the client's bytes as received).
-"""
+"""The client: one keep-alive pool per origin, connecting (directly, through an egress proxy's
+CONNECT tunnel, with the provider's TLS settings) and writing requests. What it supports and
+what it does not: see meterproxy/transport/__init__.py."""
 
 from __future__ import annotations
 
@@ -31,23 +11,22 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from itertools import zip_longest
-from urllib.parse import urlsplit
 
-from meterproxy.h1conn import (
+from meterproxy.transport.connection import Connection, Response
+from meterproxy.transport.errors import (
     BrokenStream,
     ClosedBeforeAnswer,
-    ConnectError,
-    Connection,
     DNSError,
-    Headers,
-    Response,
+    TransportError,
+    map_exceptions,
 )
-
-__all__ = ["BrokenStream", "Client", "ConnectError", "DNSError", "Headers", "Response"]
+from meterproxy.transport.origin import Origin, TLSFiles
+from meterproxy.transport.proxy import Proxies, ProxyURL, open_tunnel
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # retried once after a keep-alive race
 _DNS_TTL_S = 300.0  # as aiohttp's ttl_dns_cache was
 _WRITE_JOIN_MAX = 64 * 1024  # head + body joined into one buffer below this; two buffers above
+_NO_IDLE = float("inf")
 _Addr = tuple[int, int, str, int]  # family, proto, IP address, port: one getaddrinfo answer
 
 
@@ -56,14 +35,22 @@ class Pool:
     idle (appended on the right); requests take from the right (the most recently used, least
     likely to have been closed by the server), the sweep expires from the left."""
 
-    __slots__ = ("client", "conns", "host", "idle", "port", "server_hostname", "ssl", "sweeper")
+    __slots__ = ("client", "conns", "head_prefix", "idle", "origin", "proxy", "ssl", "sweeper",
+                 "target_prefix")
 
-    def __init__(self, client: Client, host: str, port: int, ssl_ctx: ssl.SSLContext | None) -> None:
+    def __init__(self, client: Client, origin: Origin, ssl_ctx: ssl.SSLContext | None,
+                 proxy: ProxyURL | None) -> None:
         self.client = client
-        self.host = host
-        self.port = port
+        self.origin = origin
         self.ssl = ssl_ctx
-        self.server_hostname = host if ssl_ctx is not None else None  # SNI and certificate name
+        self.proxy = proxy
+        # Request line and head, precomputed: absolute-form targets and Proxy-Authorization for
+        # an http origin behind HTTP_PROXY; https goes through a tunnel and needs neither.
+        forward = proxy is not None and ssl_ctx is None
+        self.target_prefix = (b"http://" + origin.host_header if forward else b"") + origin.base_path
+        self.head_prefix = b"Host: " + origin.host_header + b"\r\n"
+        if forward and proxy is not None and proxy.auth is not None:
+            self.head_prefix += b"Proxy-Authorization: " + proxy.auth + b"\r\n"
         self.idle: deque[Connection] = deque()
         self.conns: set[Connection] = set()  # every open connection, for close()
         self.sweeper: asyncio.TimerHandle | None = None
@@ -112,27 +99,44 @@ class Pool:
         connect timeout before the next is tried."""
         client = self.client
         loop = client.loop
+        origin = self.origin
+        host, port = (self.proxy.host, self.proxy.port) if self.proxy else (origin.host, origin.port)
         end = min(deadline, loop.time() + client.connect_timeout_s)
-        try:
+        with map_exceptions(f"resolving {host}"):
             async with asyncio.timeout_at(end):
-                infos = await client.resolve(self.host, self.port)
-        except TimeoutError:
-            raise TimeoutError(f"resolving {self.host} timed out") from None
-        last: OSError | None = None
+                infos = await client.resolve(host, port)
+        last: TransportError | None = None
         for i, (family, proto, ip, port) in enumerate(infos):
             try:
-                async with asyncio.timeout((end - loop.time()) / (len(infos) - i)):
-                    _, conn = await loop.create_connection(
-                        lambda: Connection(self), ip, port, family=family, proto=proto,
-                        ssl=self.ssl, server_hostname=self.server_hostname)
-            except OSError as exc:  # refused, unreachable, TLS failure, timed out: try the next one
+                with map_exceptions(f"connecting to {host}:{port}"):
+                    async with asyncio.timeout((end - loop.time()) / (len(infos) - i)):
+                        conn = await self._open(ip, port, family, proto)
+            except TransportError as exc:  # refused, unreachable, TLS, timed out: try the next one
                 last = exc
                 continue
             self.conns.add(conn)
             return conn
-        if isinstance(last, TimeoutError):
-            raise TimeoutError(f"connecting to {self.host}:{self.port} timed out") from None
-        raise ConnectError(f"cannot connect to {self.host}:{self.port}: {last}") from last
+        assert last is not None
+        raise last
+
+    async def _open(self, ip: str, port: int, family: int, proto: int) -> Connection:
+        loop = self.client.loop
+        origin = self.origin
+        if self.proxy is None or self.ssl is None:  # direct, or plain http through HTTP_PROXY
+            _, conn = await loop.create_connection(
+                lambda: Connection(self), ip, port, family=family, proto=proto, ssl=self.ssl,
+                server_hostname=origin.host if self.ssl is not None else None)
+            return conn
+        raw = await open_tunnel(loop, self.proxy, ip, port, family, origin)
+        conn = Connection(self)
+        try:
+            tls = await loop.start_tls(raw, conn, self.ssl, server_hostname=origin.host)
+        except BaseException:
+            raw.abort()
+            raise
+        assert tls is not None
+        conn.connection_made(tls)  # start_tls does not call it
+        return conn
 
     def close(self) -> None:
         if self.sweeper is not None:
@@ -146,66 +150,57 @@ class Pool:
 
 
 class Client:
-    """`await request(...)` returns a Response once its headers are in (see meterproxy/h1conn.py)."""
+    """`await request(...)` returns a Response once its headers are in (see connection.py).
+    Made inside the running loop (the app's lifespan); `proxies` are read once, at startup."""
 
     def __init__(self, connect_timeout_s: float = 10.0, keepalive_s: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 proxies: Proxies | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
-        self._routes: dict[str, tuple[Pool, str]] = {}  # origin as written → pool, Host header
-        self._pools: dict[tuple[str, str, int], Pool] = {}
+        self.proxies = Proxies() if proxies is None else proxies
+        self._pools: dict[Origin, Pool] = {}
+        self._ssl: dict[TLSFiles, ssl.SSLContext] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[_Addr]]] = {}
-        self._ssl = ssl_context  # None: the default context, made on the first https origin
 
-    async def request(self, method: str, url: str, headers: Sequence[tuple[str, str]],
-                      body: bytes | None, timeout_s: float) -> Response:
+    async def request(self, origin: Origin, method: str, target: bytes,
+                      headers: Sequence[tuple[bytes, bytes]], body: bytes | None,
+                      timeout_s: float, idle_s: float | None = None) -> Response:
         """Send and return once the response headers are in; the caller reads the body, then
-        calls release() (read to the end) or close() (abandoned). Raises TimeoutError (the total
-        timeout or the connect timeout), ConnectError / DNSError (no connection), BrokenStream
-        (the connection broke or the answer is not HTTP)."""
+        calls release() (read to the end) or close() (abandoned). `target` is the path and query
+        (it starts with /); `idle_s` cuts an answer that sends no byte for that long. Raises only
+        TransportError subclasses (ProxyErrors carrying their metric kind)."""
         loop = self.loop
         deadline = loop.time() + timeout_s
-        start = url.find("://") + 3
-        end = len(url)
-        for sep in "/?":
-            i = url.find(sep, start)
-            if 0 <= i < end:
-                end = i
-        route = self._routes.get(url[:end])
-        if route is None:
-            route = self._route(url[:end])
-        pool, host = route
-        target = url[end:] if url[end:end + 1] == "/" else "/" + url[end:]
-
-        lines = "\r\n".join(map(": ".join, headers))
-        head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"
-        if lines:
-            head += lines + "\r\n"
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pool(origin)
+        parts = [method.encode("ascii"), b" ", pool.target_prefix, target, b" HTTP/1.1\r\n",
+                 pool.head_prefix]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
         if body is not None:
-            head += f"Content-Length: {len(body)}\r\n"
-        head += "\r\n"
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+        data = b"".join(parts)
         # Header injection guard: every CR and LF must be one of the line ends written above.
-        n_lines = 3 + len(headers) + (body is not None)
-        if head.count("\n") != n_lines or head.count("\r") != n_lines:
+        n_lines = 2 + pool.head_prefix.count(b"\n") + len(headers) + (body is not None)
+        if data.count(b"\n") != n_lines or data.count(b"\r") != n_lines:
             raise ValueError("CR or LF inside the request line or a request header")
-        try:
-            data = head.encode("latin-1")  # the client's header bytes exactly as they came in
-        except UnicodeEncodeError:
-            data = head.encode("utf-8")  # a configured value beyond latin-1 (what aiohttp sent)
 
+        idle = _NO_IDLE if idle_s is None else idle_s
         try:
-            return await self._exchange(pool, method, data, body, deadline, fresh=False)
+            return await self._exchange(pool, method, data, body, deadline, idle, fresh=False)
         except ClosedBeforeAnswer:
             if method not in _IDEMPOTENT:
                 raise
             # A kept-alive connection closed by the provider as we reused it (its idle timeout
             # raced ours). A GET or HEAD (a run poll) is sent once more on a new connection, as
             # aiohttp did; a POST is not: it may have been taken, and an LLM call costs money.
-            return await self._exchange(pool, method, data, body, deadline, fresh=True)
+            return await self._exchange(pool, method, data, body, deadline, idle, fresh=True)
 
     async def _exchange(self, pool: Pool, method: str, data: bytes, body: bytes | None,
-                        deadline: float, *, fresh: bool) -> Response:
+                        deadline: float, idle_s: float, *, fresh: bool) -> Response:
         """One attempt: send on a pooled connection (a new one if `fresh` or none is idle) and wait
         for the response headers. ClosedBeforeAnswer is raised only for a reused connection."""
         loop = self.loop
@@ -215,10 +210,9 @@ class Client:
             conn = await pool.connect(deadline)
             if conn.transport.is_closing():  # the server closed it at once (uvloop would raise on write)
                 raise BrokenStream("the provider closed the connection before answering")
-        resp = Response(loop, conn)
+        resp = Response(loop, conn, deadline, idle_s)
         conn.resp = resp
         conn.head = method == "HEAD"
-        resp._timer = loop.call_at(deadline, resp._on_timeout)
         transport = conn.transport
         if not body:
             transport.write(data)
@@ -240,27 +234,14 @@ class Client:
             raise exc
         return resp
 
-    def _route(self, origin: str) -> tuple[Pool, str]:
-        parts = urlsplit(origin)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {origin!r}")
-        default = 443 if scheme == "https" else 80
-        host, port = parts.hostname, parts.port or default
-        key = (scheme, host, port)
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._pools[key] = Pool(self, host, port, self._ssl_context() if scheme == "https" else None)
-        host_header = f"[{host}]" if ":" in host else host
-        if port != default:
-            host_header += f":{port}"
-        route = self._routes[origin] = (pool, host_header)
-        return route
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context()  # system CAs, hostname checking, SNI
-        return self._ssl
+    def _pool(self, origin: Origin) -> Pool:
+        ctx = None
+        if origin.tls is not None:
+            ctx = self._ssl.get(origin.tls)
+            if ctx is None:
+                ctx = self._ssl[origin.tls] = origin.tls.context()
+        pool = self._pools[origin] = Pool(self, origin, ctx, self.proxies.for_origin(origin))
+        return pool
 
     async def resolve(self, host: str, port: int) -> list[_Addr]:
         """getaddrinfo, cached for _DNS_TTL_S (a new connection need not wait for DNS each time)."""
@@ -269,10 +250,7 @@ class Client:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        try:
-            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise DNSError(f"cannot resolve {host}: {exc}") from exc
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # gaierror: DNSError
         if not infos:
             raise DNSError(f"cannot resolve {host}: no addresses")
         addrs: list[_Addr] = [(int(family), proto, str(addr[0]), int(addr[1]))
@@ -289,4 +267,3 @@ class Client:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-        self._routes.clear()
