@@ -38,16 +38,6 @@ def test_presented_key_rules() -> None:
         presented_key([(b"x-goog-api-key", b"k1"), (b"x-api-key", b"k2")])
 
 
-def test_goog_header_is_a_key_header_too() -> None:
-    """SPEC: x-goog-api-key carries a key as well; one header set is read for keys and dropped
-    upstream (the client's Gemini-style key reached the provider before)."""
-    assert presented_key([(b"x-goog-api-key", b"k1")]) == "k1"
-    with pytest.raises(AuthError):
-        presented_key([(b"x-goog-api-key", b"k1"), (b"x-api-key", b"k2")])
-    out = dict(upstream_headers([(b"x-goog-api-key", b"client"), (b"x-keep", b"1")], PROV, None, "r", False))
-    assert "x-goog-api-key" not in out and out["x-keep"] == "1"
-
-
 def test_upstream_headers_hygiene() -> None:
     hdrs = [(b"host", b"proxy"), (b"authorization", b"Bearer client"), (b"x-api-key", b"client"),
             (b"x-goog-api-key", b"client"),
