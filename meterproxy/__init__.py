@@ -1,2 +1,2 @@
-"""meterproxy: metering and rate-limiting reverse proxy for OpenAI-compatible providers."""
-__version__ = "0.1.0"
+"""meterproxy: metering and rate-limiting reverse proxy for LLM providers."""
+__version__ = "0.2.0"
