@@ -110,7 +110,7 @@ class MeterProxy:
         cfg = self.config
         registry = make_registry()
         m = Metrics(registry)
-        # Egress proxies are read from the environment once, here (SPEC "Egress").
+        # Egress proxies are read from the environment once, here (docs/configuration.md "Environment variables").
         upstream = Client(cfg.server.connect_timeout_s, keepalive_s=30.0, proxies=Proxies.from_env())
         clients: list[Any] = []
         limiter: Limiter

@@ -4,6 +4,7 @@
     ├── AuthError                   401 invalid_request_error / invalid_api_key
     ├── ModelNotAllowed             403 permission_error / model_not_allowed
     ├── AdminOnly                   403 permission_error / admin_required
+    ├── ModelNotPriced              403 permission_error / model_not_priced (server.unpriced: refuse)
     ├── RateLimited                 429 requests|tokens|concurrency / rate_limit_exceeded (+ Retry-After)
     │   └── RequestTooLarge         429 tokens / rate_limit_exceeded, x-should-retry: false
     ├── QuotaExceeded               429 insufficient_quota / insufficient_quota, x-should-retry: false
@@ -67,7 +68,7 @@ class RateLimited(ProxyError):
 
     def __init__(self, message: str, *, limit: str, retry_after_s: float | None) -> None:
         super().__init__(message)
-        self.type = limit  # SPEC: type is the limit that bit (requests / tokens / concurrency)
+        self.type = limit  # docs/api.md "Errors": type is the limit that bit (requests / tokens / concurrency)
         self.limit = limit
         self.retry_after_s = retry_after_s
 
@@ -92,7 +93,7 @@ class QuotaExceeded(ProxyError):
         self.now = now  # unix time of the refusal: Retry-After counts from it
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        # SPEC: Retry-After = seconds until the window resets: the next UTC midnight for a
+        # docs/api.md "Errors": Retry-After = seconds until the window resets: the next UTC midnight for a
         # daily budget, the first of the next month for a monthly one.
         d = datetime.fromtimestamp(self.now, UTC).date()
         if self.limit.startswith("monthly"):
@@ -161,7 +162,7 @@ class ModelNotPriced(ProxyError):
 
 
 def _retry_after(secs: float) -> list[tuple[bytes, bytes]]:
-    """SPEC: whole seconds rounded up, and milliseconds; never 0 (a client would retry at once)."""
+    """Whole seconds rounded up, and milliseconds; never 0 (a client would retry at once)."""
     secs = max(secs, 0.0)
     return [(b"retry-after", str(max(math.ceil(secs), 1)).encode()),
             (b"retry-after-ms", str(max(math.ceil(secs * 1000), 1)).encode())]

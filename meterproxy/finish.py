@@ -1,6 +1,6 @@
 """Metering one forwarded request: decide its usage (provider's, or estimated) and settle the
 reservation — `settle`, which the forwarder awaits before the answer's last byte so that a client's
-next request sees it (SPEC "Read-your-writes") — then, after the last byte, write the ledger record
+next request sees it (docs/api.md "Read-your-writes") — then, after the last byte, write the ledger record
 and the metrics (`finish`, in the handler's `finally`, so errors, broken streams and client
 disconnects are metered and settled too)."""
 

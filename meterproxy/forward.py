@@ -3,7 +3,7 @@
 Flow per request: prepare (route, auth, body, admission) → upstream request (meterproxy/transport/)
 → response headers → body: JSON answers are read whole and parsed for usage, SSE streams go chunk
 by chunk through the scanner to `send` as they arrive → `settle` before the last byte (a JSON
-body, a stream's final message), so a client's next request sees this one settled (SPEC
+body, a stream's final message), so a client's next request sees this one settled (docs/api.md
 "Read-your-writes") → after it, `finish` writes the ledger record and the metrics.
 
 Client disconnects are watched by one `receive()` future per request: when it reports

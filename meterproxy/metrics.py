@@ -59,7 +59,7 @@ TTFT_BUCKETS: tuple[float, ...] = (
 OVERHEAD_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 )
-#: Values of the `type` label of `meterproxy_tokens_total`, in SPEC order.
+#: Values of the `type` label of `meterproxy_tokens_total`, in the order of docs/metrics.md.
 # cached_prompt and cache_write are parts of prompt, reasoning a part of completion: never add them up.
 TOKEN_TYPES: tuple[str, ...] = ("prompt", "cached_prompt", "completion", "reasoning", "cache_write")
 
@@ -73,7 +73,7 @@ def multiprocess_dir() -> str | None:
 
 
 class Metrics:
-    """The SPEC's metrics, registered on `registry`.
+    """The metrics of docs/metrics.md, registered on `registry`.
 
     Use the attributes directly for the simple ones (`m.rate_limited.labels(key=..., user=...,
     limit="requests").inc()`); use `record_usage` once per finished response.
@@ -84,11 +84,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         # `_created` series would double the exposition of every labelled counter and are
         # absent in multiprocess mode anyway; turning them off keeps /metrics to exactly the
-        # SPEC's names in both modes. The switch is process-global in prometheus_client.
+        # documented names in both modes. The switch is process-global in prometheus_client.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
         r = registry
         # prometheus_client appends `_total` to counter names; passing the base name keeps the
-        # exposed name exactly the SPEC's (`meterproxy_requests` -> `meterproxy_requests_total`).
+        # exposed name exactly the documented one (`meterproxy_requests` -> `meterproxy_requests_total`).
         self.requests = Counter(
             "meterproxy_requests", "Proxied requests by final HTTP status.",
             [*_USAGE_LABELS, "status"], registry=r,

@@ -1,4 +1,4 @@
-"""Model prices and exact integer cost (SPEC.md "Metering rules": cost).
+"""Model prices and exact integer cost (docs/configuration.md "pricing").
 
 Costs are integers in nano-USD (1e-9 USD) so that ledgers and counters add them up
 exactly. A price per million tokens p is p * 1000 nano-USD per token, an integer for

@@ -2,8 +2,8 @@
 
 An invalid file is rejected with every error logged and the running config kept. Requests take one
 snapshot of the config when they start, so in-flight requests finish under the rules they began
-with. The store (Redis URL) and listener are fixed for the life of the process: a change there is
-logged and takes effect on restart.
+with. The `store` and `ledger` sections and the listener are fixed for the life of the process: a
+changed `store` is logged, and all of them take effect on restart (docs/configuration.md).
 """
 
 from __future__ import annotations

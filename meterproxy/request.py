@@ -172,7 +172,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
                 and provider.stream_usage == "inject":
             opts = body.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                # SPEC "Metering rules": ask for usage upstream, strip it from what the client sees.
+                # docs/api.md "Stream usage": ask for usage upstream, strip it from what the client sees.
                 body_bytes = with_include_usage(body_bytes, body)
                 inject = True
 
@@ -186,7 +186,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
             state.health.failed(exc.operation, exc)
             raise StoreUnavailable("The usage store is unavailable.") from exc
         if owner is None or owner[0] != principal.key_id:
-            raise NotFound("No such run.")  # SPEC: another key's run does not exist for you
+            raise NotFound("No such run.")  # another key's run does not exist for it (docs/api.md)
         if exact and method == "GET":
             poll_uid = run_uid
             # The poll names no model (GET, no body): meter and price its result under the model
@@ -208,7 +208,7 @@ async def prepare(state: AppState, cfg: Config, scope: dict[str, Any], receive: 
 
 
 async def admit(state: AppState, call: Call) -> None:
-    """One limiter round trip; raises the SPEC's 429 or 503 when the request may not pass."""
+    """One limiter round trip; raises the documented 429 or 503 when the request may not pass."""
     p = call.principal
     tokens = reservation(call.cfg, call.body, len(call.body_bytes))
     # Reserve every token at the output price (an upper bound that settlement corrects), with the

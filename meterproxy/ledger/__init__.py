@@ -9,7 +9,7 @@
     await ledger.close()                      # graceful shutdown: drain, then stop
 
 Writes go through a background writer (writer.py); reads go to the store and may raise
-`meterproxy.store.StoreError` (→ 503). Usage objects follow SPEC.md and add `cost_nano`, the
+`meterproxy.store.StoreError` (→ 503). Usage objects (docs/api.md) carry `cost_nano`, the
 exact integer cost in nano-USD, next to the float `cost_usd`, so finance can sum exactly.
 """
 

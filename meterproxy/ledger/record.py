@@ -1,4 +1,4 @@
-"""Usage records, their totals and the wire shapes (SPEC.md "Usage JSON")."""
+"""Usage records, their totals and the wire shapes (docs/api.md "Usage object" and "Record")."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class UsageRecord:
 
 
 class UsageJSON(TypedDict):
-    """The SPEC.md usage object, plus `cost_nano`: the exact integer cost, so sums never drift."""
+    """The usage object of docs/api.md, with `cost_nano`: the exact integer cost, so sums never drift."""
 
     requests: int
     prompt_tokens: int

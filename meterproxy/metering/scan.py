@@ -8,7 +8,7 @@ This sits on the hot path of every streamed response, so per chunk it does only 
 searches and list appends. JSON is decoded only for events that carry a usage object (and,
 lazily and in batches, for completion-text estimation when no usage arrived).
 
-Two modes (SPEC.md "Metering rules"):
+Two modes (docs/api.md "Stream usage"):
 
 * ``strip_usage=False``: the client sees the upstream bytes untouched; ``feed`` returns the
   very chunk object it was given.

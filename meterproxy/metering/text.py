@@ -1,6 +1,6 @@
 """The model output of one decoded stream event, for estimates when no usage arrived.
 
-Every piece of output counts once (SPEC.md "Metering rules"): content, reasoning
+Every piece of output counts once (docs/api.md "Metered endpoints"): content, reasoning
 (`reasoning_content`, Groq's `reasoning`, thinking blocks) and tool-call arguments.
 """
 

@@ -1,4 +1,4 @@
-"""Usage: tokens by type for one request (SPEC.md "Metering rules", token types)."""
+"""Usage: tokens by type for one request (docs/api.md "Metered endpoints": token types)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def usage_from_obj(u: Any) -> Usage | None:
     """Read an OpenAI-family `usage` object (chat, completions, embeddings, responses, or an
     Anthropic-shaped one behind an OpenAI-style gateway); None when `u` is not usage.
 
-    Conventions (SPEC.md "Metering rules"): DeepSeek `prompt_cache_hit_tokens` is cached prompt;
+    Conventions (docs/api.md "Metered endpoints"): DeepSeek `prompt_cache_hit_tokens` is cached prompt;
     `prompt_tokens_details.cache_write_tokens` is cache_write; a `total_tokens` above prompt +
     completion is reasoning the completion left out (xAI's `reasoning_tokens`, the hidden
     thinking of Gemini's OpenAI-compatible endpoint) and is added to completion; `cost` (USD,

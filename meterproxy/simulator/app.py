@@ -1,4 +1,4 @@
-"""A simulated OpenAI-compatible LLM provider: every flavor of SPEC.md, deterministic usage.
+"""A simulated OpenAI-compatible LLM provider: every flavor of docs/api.md, deterministic usage.
 
 This is a tool for demos, tests and the benchmark (where it is the "direct path" baseline), never a
 part of metering: it plays the provider, so its `usage` is the truth the proxy must reproduce.

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 @dataclass(frozen=True, slots=True)
 class TLSFiles:
-    """A provider's extra trust and client certificate (SPEC providers.*.ca_file / client_cert)."""
+    """A provider's extra trust and client certificate (providers.*.ca_file / client_cert, docs/configuration.md)."""
 
     ca_file: str | None = None
     cert: str | None = None

@@ -1,5 +1,5 @@
 """Egress proxies from the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), read once at startup,
-and the HTTP CONNECT handshake that opens a tunnel through one (SPEC "Egress").
+and the HTTP CONNECT handshake that opens a tunnel through one (docs/configuration.md "Environment variables").
 
 https providers go through a CONNECT tunnel (TLS end to end with the provider: the proxy sees
 only the host name); http providers through HTTP_PROXY get absolute-form request targets, as

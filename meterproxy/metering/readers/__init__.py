@@ -1,4 +1,4 @@
-"""One usage reader per wire family (SPEC.md "Metering rules"): where each family puts its usage
+"""One usage reader per wire family (docs/api.md "Metered endpoints"): where each family puts its usage
 in an event or a JSON body, and how its fields map to the token types.
 
 A reader is fed every decoded event that carries usage (or the whole JSON body) and folds them:
