@@ -209,17 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     """What went wrong and what to do, for the failures a user can meet; else the exception's text."""
-    import httpx
-
     if isinstance(exc, ConfigError):
         return "; ".join(exc.errors) + " (run `meterproxy check-config FILE` for every error)"
-    if isinstance(exc, httpx.TransportError):
-        try:
-            where = f"{exc.request.url.scheme}://{exc.request.url.netloc.decode()}"
-        except RuntimeError:  # no request attached
-            where = "the proxy"
-        return (f"cannot reach {where} ({type(exc).__name__}): is the proxy running there? "
-                "Start it with `meterproxy serve` or pass the right --url")
     if isinstance(exc, FileNotFoundError):
         return f"{exc.filename}: no such file; check the path"
     if isinstance(exc, PermissionError):

@@ -16,7 +16,6 @@ from meterproxy import logs
 from meterproxy.auth import authenticate
 from meterproxy.config import Config
 from meterproxy.errors import AuthError, ProxyError
-from meterproxy.headers import client_request_id
 from meterproxy.ledger import UsageRecord
 from meterproxy.limits import Admission, StoreError
 from meterproxy.metering.body import text_in_json
@@ -152,14 +151,17 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
     # records when it raised (CI run of 2026-11-22).
     p = call.principal
     duration = t_fin - call.t0
-    state.ledger.submit(UsageRecord(
-        request_id=call.request_id, uid=call.uid, time=time.time(), key=p.key_id, user=p.user,
-        provider=call.provider.name, model=call.model, status=status, source=usage.source,
-        duration_ms=round(duration * 1000),
-        prompt_tokens=usage.prompt, cached_prompt_tokens=usage.cached_prompt,
-        completion_tokens=usage.completion, reasoning_tokens=usage.reasoning, cost_nano=cost_nano,
-        cache_write_tokens=usage.cache_write, provider_cost_nano=usage.provider_cost_nano,
-    ))
+    # SPEC: a pass-through request (not a metered endpoint, not a run's poll) is counted in the
+    # metrics but has no ledger record.
+    if call.metered or call.poll_uid is not None:
+        state.ledger.submit(UsageRecord(
+            request_id=call.request_id, uid=call.uid, time=time.time(), key=p.key_id, user=p.user,
+            provider=call.provider.name, model=call.model, status=status, source=usage.source,
+            duration_ms=round(duration * 1000),
+            prompt_tokens=usage.prompt, cached_prompt_tokens=usage.cached_prompt,
+            completion_tokens=usage.completion, reasoning_tokens=usage.reasoning, cost_nano=cost_nano,
+            cache_write_tokens=usage.cache_write, provider_cost_nano=usage.provider_cost_nano,
+        ))
     m = state.metrics
     model = state.labels.label(call.model, call.cfg.prices)
     m.record_usage(key=p.key_id, user=p.user, provider=call.provider.name, model=model,
@@ -184,7 +186,8 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
     m.overhead.observe(overhead + (perf_counter() - t_fin))
 
 
-def record_rejection(state: AppState, cfg: Config, scope: dict[str, Any], err: ProxyError) -> None:
+def record_rejection(state: AppState, cfg: Config, scope: dict[str, Any], err: ProxyError,
+                     request_id: str) -> None:
     """Count and log a request the proxy answered itself, counted under its key when it was valid."""
     p = scope.get(PRINCIPAL)
     if p is None and not isinstance(err, AuthError):
@@ -193,7 +196,7 @@ def record_rejection(state: AppState, cfg: Config, scope: dict[str, Any], err: P
         except ProxyError:
             p = None  # no valid key: nothing to attribute (and no label from client input)
     provider = cfg.route(scope["path"])
-    logs.access(client_request_id(scope["headers"]) or "-", p, provider.name if provider else "-", "-",
+    logs.access(request_id, p, provider.name if provider else "-", "-",
                 err.status, "-", 0, 0, 0, 0.0, 0)
     if p is not None:
         state.metrics.requests.labels(p.key_id, p.user, provider.name if provider else "none",

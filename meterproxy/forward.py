@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from time import perf_counter
 from typing import Any
 
@@ -22,7 +23,7 @@ import orjson
 
 from meterproxy.errors import ProxyError, send_error
 from meterproxy.finish import finish, record_rejection, settle
-from meterproxy.headers import ratelimit_headers, response_headers, upstream_headers
+from meterproxy.headers import client_request_id, ratelimit_headers, response_headers, upstream_headers
 from meterproxy.metering.body import usage_in_json
 from meterproxy.metering.scan import StreamScanner
 from meterproxy.record import Call, Outcome
@@ -47,8 +48,10 @@ class ProxyRoute:
         except ClientGone:
             return
         except ProxyError as err:
-            record_rejection(state, cfg, scope, err)
-            await send_error(send, err)
+            # The refusal carries an x-request-id too (the client's if sane), the one logged.
+            rid = client_request_id(scope["headers"]) or os.urandom(12).hex()
+            record_rejection(state, cfg, scope, err, rid)
+            await send_error(send, err, rid)
             return
         await self._forward(call, scope, receive, send)
 

@@ -46,7 +46,7 @@ def upstream_headers(headers: list[tuple[bytes, bytes]], provider: Provider, cli
     out: list[tuple[bytes, bytes]] = []
     xff: bytes | None = None
     for name, value in headers:
-        if name in drop:
+        if name in drop or name.startswith(b"x-meterproxy-"):   # the proxy's own, never upstream
             continue
         if name == b"x-forwarded-for":
             xff = value

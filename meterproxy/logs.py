@@ -150,12 +150,7 @@ def _host(url: str) -> str:
 def startup(cfg: Config, host: str, port: int, workers: int) -> None:
     """The one startup line: version, listen address, limiter store, ledger, providers."""
     store = redact_url(cfg.store.url) if cfg.store.url else "in-process"
-    ledger_cfg = getattr(cfg.raw, "ledger", None)   # the SQL ledger section (docs/configuration.md)
-    if ledger_cfg is not None:
-        url = getattr(ledger_cfg, "url", None)
-        ledger = redact_url(url) if url else "sqlite (meterproxy-ledger.db beside the config)"
-    else:
-        ledger = f"in the store ({store})"
+    ledger = redact_url(cfg.ledger_url)
     providers = ", ".join(f"{n}={_host(p.base_url)}" for n, p in cfg.raw.providers.items())
     log.info("meterproxy %s listening on http://%s:%d (workers %d); limiter store: %s; ledger: %s; "
              "providers: %s; config: %s", __version__, host, port, workers, store, ledger, providers,

@@ -129,11 +129,11 @@ class Metrics:
             ["provider"], multiprocess_mode="livesum", registry=r,
         )
         self.store_errors = Counter(
-            "meterproxy_store_errors", "Store (Redis) operations that failed.",
+            "meterproxy_store_errors", "Limiter store and ledger database operations that failed.",
             ["operation"], registry=r,
         )
         self.backlog = Gauge(
-            "meterproxy_usage_backlog", "Usage records waiting for the store.",
+            "meterproxy_usage_backlog", "Usage records waiting for the ledger database.",
             multiprocess_mode="livesum", registry=r,
         )
         self.unpriced = Counter(

@@ -42,7 +42,8 @@ def test_upstream_headers_hygiene() -> None:
     hdrs = [(b"host", b"proxy"), (b"authorization", b"Bearer client"), (b"x-api-key", b"client"),
             (b"x-goog-api-key", b"client"),
             (b"connection", b"keep-alive, x-secret-hop"), (b"x-secret-hop", b"1"), (b"te", b"trailers"),
-            (b"content-length", b"10"), (b"x-forwarded-for", b"1.2.3.4"), (b"x-keep", b"yes")]
+            (b"content-length", b"10"), (b"x-forwarded-for", b"1.2.3.4"), (b"x-keep", b"yes"),
+            (b"x-meterproxy-tags", b"env=prod")]   # the proxy's own headers never go upstream
     out = dict(upstream_headers(hdrs, PROV, "127.0.0.1", "rid", False))
     assert out == {b"x-keep": b"yes", b"x-forwarded-for": b"1.2.3.4, 127.0.0.1", b"x-request-id": b"rid",
                    b"authorization": b"Bearer S"}

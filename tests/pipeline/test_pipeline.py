@@ -235,3 +235,36 @@ def test_a_stream_silent_past_the_idle_timeout_is_cut(run: Any, tmp_path: Path) 
                 assert h.state.metrics.upstream_errors.labels("sim", "idle_timeout")._value.get() == 1
                 settled_at(h)  # and its reservation was settled (by finish)
     run(main())
+
+
+# --- pass-through and refusals ----------------------------------------------------------------------
+
+async def models(req: Request, reader: Reader, writer: Writer) -> None:
+    body = b'{"object":"list","data":[]}'
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                 % (len(body), body))
+
+
+def test_pass_through_is_counted_but_has_no_ledger_record(run: Any, tmp_path: Path) -> None:
+    """SPEC flavors table: pass-through is not metered and has no ledger record (one was written,
+    0 tokens marked source "provider"); a metered request next to it has exactly one."""
+    async def main() -> None:
+        async with Server(models) as srv, running(config(tmp_path, srv.port)) as h:
+            ex = await h.request("GET", "/v1/models", auth())
+            assert ex.status == 200 and ex.ended
+            assert h.state.metrics.requests.labels("alice-1", "alice", "sim", "none", "200")._value.get() == 1
+            assert await h.state.ledger.drain(5)
+            assert (await h.state.ledger.records(None, 10))["records"] == []
+    run(main())
+
+
+def test_a_refusal_carries_the_request_id_it_was_logged_under(run: Any, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running(config(tmp_path, free_port())) as h:
+            mine = await h.request("POST", CHAT, [(b"x-request-id", b"client-rid-1")], chat())
+            assert_one_error(mine, 401, "invalid_api_key")
+            assert mine.header(b"x-request-id") == b"client-rid-1"
+            ours = await h.request("POST", "/nowhere", auth(), chat())
+            assert_one_error(ours, 404, "unknown_route")
+            assert len(ours.header(b"x-request-id") or b"") == 24   # the proxy's own id
+    run(main())
