@@ -130,7 +130,7 @@ class Ledger:
 
         `since` is inclusive, `until` exclusive; a plain `date` means its whole UTC day (so
         until=date(2026, 11, 30) includes the 30th); naive datetimes are UTC. Raises
-        ValueError for a group_by field outside GROUP_FIELDS or a date out of range.
+        QueryError (a ValueError) for a group_by field outside GROUP_FIELDS or a date out of range.
         """
         filters = {"user": user, "key": key, "team": team, "model": model, "provider": provider}
         return await run_query(self.store, filters=filters, since=since, until=until,
