@@ -15,9 +15,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     # Port the HEALTHCHECK probes; set it if `serve` listens elsewhere.
     METERPROXY_PORT=8080
 
-# Build from a throwaway copy of the source; only the installed package stays in the image.
+# Build from a throwaway copy of the source; only the installed package stays in the image. The
+# dependencies are exactly those of requirements/runtime.lock (pinned, hash-checked), then the
+# package itself without resolving anything again.
 COPY . /tmp/src
-RUN pip install /tmp/src && rm -rf /tmp/src
+RUN pip install --require-hashes -r /tmp/src/requirements/runtime.lock \
+    && pip install --no-deps /tmp/src && rm -rf /tmp/src
 
 # Fixed numeric uid so orchestrators can check runAsNonRoot without resolving names.
 RUN useradd --system --uid 10001 --user-group --create-home --shell /usr/sbin/nologin meterproxy \

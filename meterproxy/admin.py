@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -13,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from meterproxy import errors
 from meterproxy.auth import authenticate, is_admin
 from meterproxy.errors import AdminOnly, InvalidRequest, ProxyError, StoreUnavailable
-from meterproxy.ledger import GROUP_FIELDS
+from meterproxy.ledger.query import QueryError, parse_bound
 from meterproxy.state import AppState
 from meterproxy.store import StoreError
 
@@ -24,21 +23,6 @@ def error_response(err: ProxyError) -> Response:
     resp = Response(body, status_code=status)
     resp.raw_headers = headers
     return resp
-
-
-def parse_when(value: str | None, name: str, end: bool = False) -> datetime | None:
-    """ISO date or datetime, UTC. A bare `until` date includes that whole day."""
-    if not value:
-        return None
-    try:
-        if len(value) == 10:
-            d = date.fromisoformat(value)
-            dt = datetime(d.year, d.month, d.day, tzinfo=UTC)
-            return dt.replace(hour=23, minute=59, second=59, microsecond=999999) if end else dt
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    except (ValueError, OverflowError) as exc:   # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
-        raise InvalidRequest(f"{name}: not an ISO date or datetime in range", param=name) from exc
 
 
 def _state(request: Request) -> AppState:
@@ -89,19 +73,14 @@ def _require_admin(request: Request) -> None:
 async def admin_usage(request: Request, state: AppState) -> dict[str, Any]:
     q = request.query_params
     _require_admin(request)
-    group_by = [g for g in q.get("group_by", "").split(",") if g]
-    bad = [g for g in group_by if g not in GROUP_FIELDS]
-    if bad:
-        raise InvalidRequest(f"group_by: unknown field {bad[0]!r}; use {','.join(GROUP_FIELDS)}",
-                             param="group_by")
-    since, until = parse_when(q.get("since"), "since"), parse_when(q.get("until"), "until", end=True)
     try:
         result: dict[str, Any] = await state.ledger.query(
             user=q.get("user") or None, key=q.get("key") or None, team=q.get("team") or None,
             model=q.get("model") or None, provider=q.get("provider") or None,
-            since=since, until=until, group_by=group_by)
-    except ValueError as exc:   # a date the ledger cannot represent: the client's error
-        raise InvalidRequest(f"since/until: {exc}", param="since") from exc
+            since=parse_bound(q.get("since"), "since"), until=parse_bound(q.get("until"), "until"),
+            group_by=[g for g in q.get("group_by", "").split(",") if g])
+    except QueryError as exc:   # a field or date the ledger cannot answer: the client's error
+        raise InvalidRequest(str(exc), param=exc.param) from exc
     return result
 
 

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from meterproxy import admin
+from meterproxy import admin, logs
 from meterproxy.auth import is_admin
 from meterproxy.config import Config, load_config
 from meterproxy.errors import AdminOnly
@@ -201,8 +201,6 @@ def create_app(config_path: str) -> MeterProxy:
 
 def app_from_env() -> MeterProxy:
     """uvicorn factory for `--workers N`: each worker process reads METERPROXY_CONFIG."""
-    from meterproxy.cli import setup_logging
-
     app = create_app(os.environ["METERPROXY_CONFIG"])
-    setup_logging(app.config.server.log_format)
+    logs.setup(app.config.server.log_format)  # workers are fresh processes: as `serve` did
     return app

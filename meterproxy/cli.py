@@ -23,11 +23,6 @@ from meterproxy.clierror import CliError
 from meterproxy.config import Config, ConfigError, load_config, summary
 
 
-def setup_logging(log_format: str = "text") -> None:
-    """One log format for the supervisor and every worker (workers are fresh processes)."""
-    logs.setup(log_format)
-
-
 def ensure_port_free(host: str, port: int, option: str) -> None:
     """Fail with one line now, before anything is reported as running, if `host:port` is taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -50,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else cfg.server.port
     workers = max(args.workers, 1)
     ensure_port_free(host, port, "--port (or server.port)")
-    setup_logging(cfg.server.log_format)
+    logs.setup(cfg.server.log_format)  # the same in every worker: app_from_env
     logs.startup(cfg, host, port, workers)
     common: dict[str, Any] = dict(
         host=host, port=port, loop="uvloop", lifespan="on",

@@ -34,6 +34,15 @@ from meterproxy.transport import Response, TransportError
 log = logging.getLogger("meterproxy")
 
 
+async def _answer_failure(call: Call, send: Any, out: Outcome, err: TransportError) -> None:
+    """The upstream failed before anything was sent to the client: the error's answer, counted
+    under its kind."""
+    out.status = err.status
+    out.upstream_error = err.kind
+    await send_error(send, err, call.request_id)
+    out.complete = True
+
+
 class ProxyRoute:
     """ASGI app for every provider path."""
 
@@ -112,10 +121,7 @@ class ProxyRoute:
                 call.body_bytes if call.body_bytes or call.method not in ("GET", "HEAD") else None,
                 server.upstream_timeout_s, server.stream_idle_timeout_s)
         except TransportError as err:
-            out.status = err.status
-            out.upstream_error = err.kind
-            await send_error(send, err, call.request_id)
-            out.complete = True
+            await _answer_failure(call, send, out, err)
             return
         out.resp = resp  # from here on the finally in _forward releases or closes it
         t_hdr = perf_counter()
@@ -137,10 +143,7 @@ class ProxyRoute:
         try:
             body = await resp.read()
         except TransportError as err:
-            out.status = err.status
-            out.upstream_error = err.kind
-            await send_error(send, err, call.request_id)
-            out.complete = True
+            await _answer_failure(call, send, out, err)
             return
         t_body = perf_counter()
         out.complete = True

@@ -11,6 +11,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal
+from typing import TypeVar
 
 from meterproxy.metering.usage import Usage
 
@@ -18,6 +19,7 @@ _NANO_PER_MILLION = Decimal(1000)  # 1e9 nano-USD per USD / 1e6 tokens per milli
 _CTX = Context(prec=60)            # wide enough that only the final rounding rounds
 _GLOB_CHARS = frozenset("*?[")
 _MEMO_MAX = 4096
+_P = TypeVar("_P")   # Price or _Rates: both tiered by prompt size
 
 
 def _dec(v: Decimal | float | int | str) -> Decimal:
@@ -52,11 +54,7 @@ class Price:
 
     def for_prompt(self, prompt: int) -> Price:
         """The price that applies to a request with `prompt` tokens."""
-        chosen = self
-        for threshold, tier in self.tiers:
-            if prompt > threshold:
-                chosen = tier
-        return chosen
+        return _tier(self, self.tiers, prompt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +78,16 @@ class _Rates:
         return cls(per[0], per[1], per[2], per[3], False, tiers)
 
     def for_prompt(self, prompt: int) -> _Rates:
-        chosen = self
-        for threshold, tier in self.tiers:
-            if prompt > threshold:
-                chosen = tier
-        return chosen
+        return _tier(self, self.tiers, prompt)
+
+
+def _tier(base: _P, tiers: tuple[tuple[int, _P], ...], prompt: int) -> _P:
+    """The last tier whose threshold `prompt` exceeds (tiers sorted by threshold), else base."""
+    chosen = base
+    for threshold, tier in tiers:
+        if prompt > threshold:
+            chosen = tier
+    return chosen
 
 
 _NO_PRICE = object()

@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 
 from meterproxy.clierror import CliError
-from meterproxy.errors import ProxyError
 
 _COLS = ("requests", "prompt_tokens", "cached_prompt_tokens", "cache_write_tokens",
          "completion_tokens", "reasoning_tokens", "cost_usd")
@@ -92,39 +91,34 @@ async def open_ledger(config_path: str | None, migrate: bool = False) -> AsyncIt
 
 
 async def run_usage(args: argparse.Namespace) -> int:
-    from meterproxy.admin import parse_when
-    from meterproxy.ledger.query import run_query
+    from meterproxy.ledger.query import QueryError, parse_bound, run_query
 
     group_by = [g for g in args.group_by.split(",") if g]
     try:
-        since, until = parse_when(args.since, "since"), parse_when(args.until, "until", end=True)
-    except ProxyError as err:
-        raise CliError(err.message, 2) from err
+        since, until = parse_bound(args.since, "since"), parse_bound(args.until, "until")
+    except QueryError as exc:
+        raise CliError(str(exc), 2) from exc
     async with open_ledger(args.config) as (store, _):
         try:
             result = await run_query(
                 store, filters={"user": args.user, "key": args.key, "team": args.team,
                                 "model": args.model, "provider": args.provider},
                 since=since, until=until, group_by=group_by)
-        except ValueError as exc:
+        except QueryError as exc:
             raise CliError(str(exc), 2) from exc
     print(format_table(result))
     return 0
 
 
 async def run_export(args: argparse.Namespace) -> int:
-    from meterproxy.admin import parse_when
-    from meterproxy.ledger.query import instant
+    from meterproxy.ledger.query import QueryError, instant, parse_bound
     from meterproxy.ledger.record import record_json
 
     try:
-        since = parse_when(args.since, "since")
-        until = parse_when(args.until, "until", end=True)
+        since, until = parse_bound(args.since, "since"), parse_bound(args.until, "until")
         start = None if since is None else instant(since, end=False)
         end = None if until is None else instant(until, end=True)
-    except ProxyError as err:
-        raise CliError(err.message, 2) from err
-    except ValueError as exc:
+    except QueryError as exc:
         raise CliError(str(exc), 2) from exc
     out = sys.stdout
     writer: Any = None

@@ -202,7 +202,11 @@ def test_dockerfile() -> None:
                                      "--host", "0.0.0.0"]
     health = by["HEALTHCHECK"]
     assert "/healthz" in health and "python" in health and "curl" not in health
-    assert any(i == "RUN" and "pip install" in a for i, a in instrs)
+    # The image installs the locked dependencies, hash-checked, and nothing resolved anew.
+    installs = [a for i, a in instrs if i == "RUN" and "pip install" in a]
+    assert installs == [installs[0]] and re.search(
+        r"pip install --require-hashes -r /tmp/src/requirements/runtime\.lock\s+&& pip install --no-deps /tmp/src\s",
+        installs[0]), installs
     # USER comes after the installs, so the running process is not root.
     order = [i for i, _ in instrs]
     assert order.index("USER") > max(k for k, i in enumerate(order) if i == "RUN")
@@ -330,6 +334,7 @@ def test_build_context_installs_as_a_package(tmp_path: Path) -> None:
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, ctx / rel)
     assert (ctx / "pyproject.toml").is_file() and not (ctx / "tests").exists()
+    assert (ctx / "requirements" / "runtime.lock").is_file()   # what the Dockerfile installs first
     prefix = tmp_path / "prefix"
     # --ignore-installed: without it pip uninstalls this environment's own (editable) meterproxy.
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--ignore-installed", "--no-deps",

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from meterproxy.ledger import GROUP_FIELDS, LATEST, Ledger, SchemaTooOld, UsageRecord, open_ledger_store
+from meterproxy.ledger.query import QueryError, instant, parse_bound, run_query
 from meterproxy.store import StoreError
 from tests.procs import PostgresServer
 
@@ -389,3 +390,33 @@ async def test_postgres_partitions_ahead_and_readiness(tmp_path: Any) -> None:
         await ledger.close(1)
     finally:
         pg.cleanup()
+
+
+def test_parse_bound_keeps_a_date_a_date() -> None:
+    """A bare date stays a date (its whole UTC day, decided once in query.instant): parse_when used
+    to turn an until date into 23:59:59.999999 for the ledger to turn back into midnight."""
+    assert parse_bound("2026-11-30", "until") == date(2026, 11, 30)
+    assert instant(date(2026, 11, 30), end=True) == datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    assert parse_bound("2026-11-30T10:00:00Z", "since") == datetime(2026, 11, 30, 10, tzinfo=UTC)
+    assert parse_bound("2026-11-30T10:00:00", "since") == datetime(2026, 11, 30, 10, tzinfo=UTC)
+    assert parse_bound("", "since") is None
+    for bad, name in (("yesterday", "since"), ("0001-01-01T00:00:00+01:00", "until")):
+        with pytest.raises(QueryError) as info:
+            parse_bound(bad, name)
+        assert info.value.param == name and str(info.value).startswith(f"{name}: ")
+
+
+async def test_group_by_is_checked_once_by_the_ledger(tmp_path: Any) -> None:
+    """The one check (admin.py had its own): its error names the field and the allowed ones."""
+    store = open_ledger_store(f"sqlite://{tmp_path / 'l.db'}")
+    await store.migrate(auto=True)
+    try:
+        with pytest.raises(QueryError) as info:
+            await run_query(store, filters={}, since=None, until=None, group_by=["user", "colour"])
+        assert info.value.param == "group_by"
+        assert str(info.value) == "group_by: unknown field 'colour'; use " + ",".join(GROUP_FIELDS)
+        with pytest.raises(QueryError) as info:
+            await run_query(store, filters={}, since=None, until=date(9999, 12, 31), group_by=[])
+        assert info.value.param == "until"
+    finally:
+        await store.close()

@@ -73,7 +73,8 @@ def test_nano_to_usd() -> None:
 def test_sum_of_many_small_costs_is_exact(rows: list[tuple[int, int, int]]) -> None:
     usages = [Usage(p + c, c, o) for p, c, o in rows]
     total = sum(TABLE.cost_nano("gpt-5.4", u)[0] for u in usages)
-    whole = sum(usages, Usage())
+    whole = Usage(sum(u.prompt for u in usages), sum(u.cached_prompt for u in usages),
+                  sum(u.completion for u in usages))
     assert total == TABLE.cost_nano("gpt-5.4", whole)[0]
     expected = sum(Decimal(p) * Decimal("1.25") + Decimal(c) * Decimal("0.125")
                    + Decimal(o) * 10 for p, c, o in rows) * 1000

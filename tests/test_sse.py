@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meterproxy.metering.sse import SSEDecoder, event_data, event_type
+from meterproxy.metering.sse import SSEDecoder, event_data
 
 LF = b'data: {"a":1}\n\ndata: {"b":2}\nid: 7\n\n: comment\ndata: x\n\n'
 CRLF = LF.replace(b"\n", b"\r\n")
@@ -113,8 +113,3 @@ def test_event_data() -> None:
     assert event_data(b"event: e\r\ndata\r\ndata: z\r\n\r\n") == b"\nz"
     assert event_data(b": comment\nid: 1\ndatum: q\n\n") == b""
     assert event_data(b"data: [DONE]\r\r") == b"[DONE]"
-
-
-def test_event_type() -> None:
-    assert event_type(b"event: message_start\ndata: {}\n\n") == b"message_start"
-    assert event_type(b"data: {}\n\n") == b""

@@ -8,8 +8,9 @@ import asyncpg
 import pytest
 import redis.exceptions
 
+from meterproxy.ledger import open_ledger_store
 from meterproxy.store import StoreError, is_store_failure, store_errors
-from meterproxy.store.sql import open_ledger_store, redact, sqlite_path
+from meterproxy.store.sql import redact, sqlite_path
 
 OUTAGES = [
     redis.exceptions.ConnectionError("refused"), redis.exceptions.TimeoutError("slow"),

@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from typing import Any
 
+from meterproxy.ledger.backends import open_ledger_store
 from meterproxy.ledger.query import GROUP_FIELDS, consumption, run_query, summary
 from meterproxy.ledger.record import Totals, UsageJSON, UsageRecord, parse_record_id, record_json
 from meterproxy.ledger.schema import LATEST, SchemaTooNew, SchemaTooOld
 from meterproxy.ledger.store import LedgerStore
 from meterproxy.ledger.writer import Writer
-from meterproxy.store.sql import open_ledger_store
 
 __all__ = [
     "GROUP_FIELDS", "LATEST", "MAX_RECORDS_PAGE", "Ledger", "LedgerStore", "SchemaTooNew",
@@ -130,7 +130,7 @@ class Ledger:
 
         `since` is inclusive, `until` exclusive; a plain `date` means its whole UTC day (so
         until=date(2026, 11, 30) includes the 30th); naive datetimes are UTC. Raises
-        ValueError for a group_by field outside GROUP_FIELDS or a date out of range.
+        QueryError (a ValueError) for a group_by field outside GROUP_FIELDS or a date out of range.
         """
         filters = {"user": user, "key": key, "team": team, "model": model, "provider": provider}
         return await run_query(self.store, filters=filters, since=since, until=until,

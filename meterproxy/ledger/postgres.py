@@ -26,7 +26,15 @@ import asyncpg
 
 from meterproxy.ledger import sql
 from meterproxy.ledger.record import COUNTERS, UsageRecord
-from meterproxy.ledger.schema import LATEST, POSTGRES, RECORD_COLUMNS, VERSION_TABLE, SchemaTooNew, SchemaTooOld
+from meterproxy.ledger.schema import (
+    CURRENT_VERSION,
+    LATEST,
+    POSTGRES,
+    RECORD_COLUMNS,
+    RECORD_VERSION,
+    VERSION_TABLE,
+    pending,
+)
 from meterproxy.store import store_errors
 from meterproxy.store.sql import redact
 
@@ -96,16 +104,11 @@ class PostgresStore:
             async with (await self._p()).acquire() as con, con.transaction():
                 await con.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
                 await con.execute(VERSION_TABLE)
-                cur = int(await con.fetchval("SELECT coalesce(max(version), 0) FROM meterproxy_schema"))
-                if cur > LATEST:
-                    raise SchemaTooNew(cur)
-                if cur < target and not auto:
-                    raise SchemaTooOld(cur)
-                for v in range(cur + 1, target + 1):
+                cur = int(await con.fetchval(CURRENT_VERSION))
+                for v in pending(cur, target, auto):
                     for stmt in POSTGRES[v]:
                         await con.execute(stmt)
-                    await con.execute("INSERT INTO meterproxy_schema VALUES ($1, $2)", v,
-                                      datetime.now(UTC).isoformat())
+                    await con.execute(_dollar(RECORD_VERSION), v, datetime.now(UTC).isoformat())
                 return max(cur, target)
 
     # -- writes
@@ -148,16 +151,12 @@ class PostgresStore:
 
     async def records(self, after: int, limit: int, start: float | None = None,
                       end: float | None = None) -> list[tuple[int, UsageRecord]]:
-        q, p = sql.SELECT_RECORDS + " WHERE seq > ?", list[Any]([after])
-        if start is not None:
-            q, p = q + " AND time >= ?", [*p, float(start)]
-        if end is not None:
-            q, p = q + " AND time < ?", [*p, float(end)]
-        rows = await self._fetch("ledger_read", _dollar(q + " ORDER BY seq LIMIT ?"), [*p, limit])
+        q, p = sql.records_query(after, limit, start, end)
+        rows = await self._fetch("ledger_read", _dollar(q), p)
         return [(int(r[0]), sql.row_record(r[1:])) for r in rows]
 
     async def last_id(self) -> int:
-        rows = await self._fetch("ledger_read", "SELECT coalesce(max(seq), 0) FROM records", ())
+        rows = await self._fetch("ledger_read", sql.LAST_ID, ())
         return int(rows[0][0])
 
     async def cursor(self, exporter: str) -> int:

@@ -22,6 +22,29 @@ GROUP_FIELDS = ("user", "key", "team", "model", "provider", "day")
 MIN_T = datetime(1970, 1, 1, tzinfo=UTC).timestamp()
 MAX_T = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
 _LAST_US = time(23, 59, 59, 999_999)
+_OUT_OF_RANGE = "date out of range (1970-01-01 .. 9998-12-31)"
+
+
+class QueryError(ValueError):
+    """A query the ledger cannot answer, the caller's error; `param` names the argument at fault."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def parse_bound(value: str | None, name: str) -> date | datetime | None:
+    """A since/until as given by a client (API query, CLI): an ISO date (its whole UTC day, see
+    `instant`) or an ISO datetime (naive or Z means UTC)."""
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            return date.fromisoformat(value)
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:   # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise QueryError(name, "not an ISO date or datetime in range") from exc
 
 
 @dataclass(slots=True)
@@ -38,8 +61,8 @@ def instant(d: date | datetime, *, end: bool) -> float:
     """Epoch seconds of a bound. A plain date means its whole UTC day: since = its start,
     until = the end of that day (so until=2026-11-30 includes the 30th). A datetime is an
     instant (naive means UTC); until is exclusive, except that an until of 23:59:59.999999 is
-    read as the end of that day, so the common "inclusive end of day" idiom stays a whole day
-    (answered from the aggregates) rather than a partial one."""
+    read as the end of that day, so a client's "inclusive end of day" idiom stays a whole day
+    (answered from the aggregates) rather than a partial one. Raises QueryError out of range."""
     try:
         if not isinstance(d, datetime):
             d = datetime.combine(d + timedelta(days=1) if end else d, time(), UTC)
@@ -50,9 +73,9 @@ def instant(d: date | datetime, *, end: bool) -> float:
             d += timedelta(microseconds=1)
         t = d.timestamp()
     except (OverflowError, ValueError) as exc:   # 9999-12-31 + 1 day, 0001-01-01 at +01:00
-        raise ValueError("date out of range (1970-01-01 .. 9998-12-31)") from exc
+        raise QueryError("until" if end else "since", _OUT_OF_RANGE) from exc
     if not MIN_T <= t <= MAX_T:
-        raise ValueError("date out of range (1970-01-01 .. 9998-12-31)")
+        raise QueryError("until" if end else "since", _OUT_OF_RANGE)
     return t
 
 
@@ -91,11 +114,10 @@ async def run_query(store: LedgerStore, *, filters: dict[str, str | None],
                     since: date | datetime | None, until: date | datetime | None,
                     group_by: Sequence[str]) -> dict[str, Any]:
     """GET /admin/usage: totals over the range, filtered and grouped (rows sorted by group).
-    Raises ValueError for an unknown group_by field or a date out of range."""
+    Raises QueryError for an unknown group_by field or a date out of range."""
     bad = [g for g in group_by if g not in GROUP_FIELDS]
     if bad:
-        raise ValueError(f"group_by: unknown field(s) {', '.join(bad)}; "
-                         f"allowed: {', '.join(GROUP_FIELDS)}")
+        raise QueryError("group_by", f"unknown field {bad[0]!r}; use {','.join(GROUP_FIELDS)}")
     group_by = list(dict.fromkeys(group_by))
     p = plan(since, until)
     rows: list[tuple[Any, ...]] = []

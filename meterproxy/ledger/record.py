@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TypedDict
 
@@ -108,19 +108,6 @@ class Totals:
             completion_tokens=self.completion_tokens, reasoning_tokens=self.reasoning_tokens,
             cost_usd=self.cost_nano / 1e9, cost_nano=self.cost_nano,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Cell:
-    """Summed usage of one aggregate row: (day, key, user, team, provider, model)."""
-
-    day: int
-    key: str
-    user: str
-    team: str
-    provider: str
-    model: str
-    totals: Totals = field(compare=False)
 
 
 def day_num(t: float) -> int:

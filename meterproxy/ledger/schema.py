@@ -83,3 +83,17 @@ class SchemaTooNew(Exception):
     def __init__(self, current: int) -> None:
         super().__init__(f"the ledger schema is at version {current}, newer than this "
                          f"meterproxy knows ({LATEST}): upgrade meterproxy")
+
+
+CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM meterproxy_schema"
+RECORD_VERSION = "INSERT INTO meterproxy_schema VALUES (?, ?)"   # (version, applied_at ISO)
+
+
+def pending(current: int, target: int, auto: bool) -> range:
+    """The versions to apply to bring a schema at `current` to `target`, for every backend:
+    none past what this meterproxy knows, and none at all unless migrations are automatic."""
+    if current > LATEST:
+        raise SchemaTooNew(current)
+    if current < target and not auto:
+        raise SchemaTooOld(current)
+    return range(current + 1, target + 1)

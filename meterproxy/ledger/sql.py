@@ -72,6 +72,20 @@ UPSERT_DAILY = (
     "ON CONFLICT (day, key_id, user_id, team, provider, model) DO UPDATE SET "
     + ", ".join(f"{c} = d.{c} + excluded.{c}" for c in COUNTERS))
 SELECT_RECORDS = f"SELECT seq, {', '.join(RECORD_COLUMNS)} FROM records"
+LAST_ID = "SELECT coalesce(max(seq), 0) FROM records"
+
+
+def records_query(after: int, limit: int, start: float | None, end: float | None) -> tuple[str, list[Any]]:
+    """Up to `limit` records after id `after` with start <= time < end, oldest first: rows of
+    (seq, *RECORD_COLUMNS) for row_record."""
+    where, params = ["seq > ?"], list[Any]([after])
+    if start is not None:
+        where.append("time >= ?")
+        params.append(float(start))
+    if end is not None:
+        where.append("time < ?")
+        params.append(float(end))
+    return f"{SELECT_RECORDS} WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", [*params, limit]
 
 
 def aggregate_query(group_by: Sequence[str], filters: Mapping[str, str | None],

@@ -22,7 +22,7 @@ from typing import IO, Any, TypeVar
 
 from meterproxy.ledger import sql
 from meterproxy.ledger.record import UsageRecord
-from meterproxy.ledger.schema import LATEST, SQLITE, VERSION_TABLE, SchemaTooNew, SchemaTooOld
+from meterproxy.ledger.schema import CURRENT_VERSION, LATEST, RECORD_VERSION, SQLITE, VERSION_TABLE, pending
 from meterproxy.store import store_errors
 
 T = TypeVar("T")
@@ -74,16 +74,11 @@ class SqliteStore:
         self._conn().execute(VERSION_TABLE)
 
         def up(db: sqlite3.Connection) -> int:
-            cur = int(db.execute("SELECT coalesce(max(version), 0) FROM meterproxy_schema").fetchone()[0])
-            if cur > LATEST:
-                raise SchemaTooNew(cur)
-            if cur < target and not auto:
-                raise SchemaTooOld(cur)
-            for v in range(cur + 1, target + 1):
+            cur = int(db.execute(CURRENT_VERSION).fetchone()[0])
+            for v in pending(cur, target, auto):
                 for stmt in SQLITE[v]:
                     db.execute(stmt)
-                db.execute("INSERT INTO meterproxy_schema VALUES (?, ?)",
-                           (v, datetime.now(UTC).isoformat()))
+                db.execute(RECORD_VERSION, (v, datetime.now(UTC).isoformat()))
             return max(cur, target)
 
         return self._tx(up)
@@ -122,16 +117,12 @@ class SqliteStore:
 
     async def records(self, after: int, limit: int, start: float | None = None,
                       end: float | None = None) -> list[tuple[int, UsageRecord]]:
-        q, p = sql.SELECT_RECORDS + " WHERE seq > ?", list[Any]([after])
-        if start is not None:
-            q, p = q + " AND time >= ?", [*p, float(start)]
-        if end is not None:
-            q, p = q + " AND time < ?", [*p, float(end)]
-        rows = await self._run("ledger_read", self._fetch, q + " ORDER BY seq LIMIT ?", [*p, limit])
+        q, p = sql.records_query(after, limit, start, end)
+        rows = await self._run("ledger_read", self._fetch, q, p)
         return [(int(r[0]), sql.row_record(r[1:])) for r in rows]
 
     async def last_id(self) -> int:
-        rows = await self._run("ledger_read", self._fetch, "SELECT coalesce(max(seq), 0) FROM records", ())
+        rows = await self._run("ledger_read", self._fetch, sql.LAST_ID, ())
         return int(rows[0][0])
 
     async def cursor(self, exporter: str) -> int:

@@ -88,18 +88,10 @@ class Writer:
         self._report_error("ledger_write")
 
     def _report_error(self, operation: str) -> None:
-        if self._on_store_error is not None:
-            try:
-                self._on_store_error(operation)
-            except Exception:   # a metrics callback must never break metering
-                log.exception("on_store_error callback failed")
+        _call(self._on_store_error, operation, "on_store_error")
 
     def _count(self, result: str) -> None:
-        if self._on_write is not None:
-            try:
-                self._on_write(result)
-            except Exception:   # a metrics callback must never break metering
-                log.exception("on_write callback failed")
+        _call(self._on_write, result, "on_write")
 
     async def start(self) -> None:
         """Start the writer task (idempotent)."""
@@ -158,3 +150,12 @@ class Writer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def _call(callback: Callable[[str], None] | None, value: str, name: str) -> None:
+    """A metrics callback, if any; its failure is logged: it must never break metering."""
+    if callback is not None:
+        try:
+            callback(value)
+        except Exception:
+            log.exception("%s callback failed", name)

@@ -76,12 +76,11 @@ class StreamScanner:
     """
 
     __slots__ = ("_dec", "_held", "_kept", "_kept_len", "_raw", "_raw_len", "_reader", "_rest",
-                 "_text", "chunks", "saw_done", "strip_usage")
+                 "_text", "saw_done", "strip_usage")
 
     def __init__(self, family: str = "chat", strip_usage: bool = False) -> None:
         self.strip_usage = strip_usage
         self.saw_done = False             # [DONE], response.completed or message_stop seen
-        self.chunks = 0
         self._reader = UsageReader(family)
         # Text retention (for estimates): raw chunks (pass-through) or events (strip), reduced
         # to text past _COMPACT_AT. raw[0] always starts at an event boundary.
@@ -102,7 +101,6 @@ class StreamScanner:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take one upstream chunk; return the bytes to forward to the client now."""
-        self.chunks += 1
         if self.strip_usage:
             return self._feed_strip(chunk)
         self._raw.append(chunk)

@@ -52,17 +52,6 @@ def split_events(buf: bytes) -> tuple[list[bytes], int]:
     return events, start
 
 
-def last_event_end(chunk: bytes) -> int:
-    """Offset just past the last event terminator inside `chunk`, or -1 (cheap)."""
-    if b"\r" not in chunk:
-        i = chunk.rfind(b"\n\n")
-        return i + 2 if i >= 0 else -1
-    end = -1
-    for m in _END_RE.finditer(chunk):
-        end = m.end()
-    return end
-
-
 class SSEDecoder:
     """Split an SSE byte stream into raw events, whatever the chunk boundaries.
 
@@ -132,13 +121,3 @@ def event_data(event: bytes) -> bytes:
             v = line[5:]
             values.append(v[1:] if v[:1] == b" " else v)
     return b"\n".join(values)
-
-
-def event_type(event: bytes) -> bytes:
-    """The event's ``event`` field value (last one wins), or b"" when absent."""
-    kind = b""
-    for line in event.splitlines():
-        if line.startswith(b"event:"):
-            v = line[6:]
-            kind = v[1:] if v[:1] == b" " else v
-    return kind

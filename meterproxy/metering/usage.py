@@ -24,13 +24,6 @@ class Usage:
     def total(self) -> int:
         return self.prompt + self.completion
 
-    def __add__(self, other: Usage) -> Usage:
-        src = "estimated" if "estimated" in (self.source, other.source) else "provider"
-        costs = [c for c in (self.provider_cost_nano, other.provider_cost_nano) if c is not None]
-        return Usage(self.prompt + other.prompt, self.cached_prompt + other.cached_prompt,
-                     self.completion + other.completion, self.reasoning + other.reasoning, src,
-                     self.cache_write + other.cache_write, sum(costs) if costs else None)
-
 
 def count(v: Any) -> int:
     """A token count from JSON: ints (and integral floats) >= 0; anything else counts as 0."""

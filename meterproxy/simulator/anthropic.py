@@ -8,7 +8,6 @@ includes thinking, which Anthropic does not count apart.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import zlib
 from typing import TYPE_CHECKING, Any
@@ -97,10 +96,7 @@ async def messages(sim: Simulator, c: Call) -> None:
     if c.knobs.omit_usage:
         del msg["usage"]
     if b.get("stream") is not True:
-        if c.knobs.first_delay:
-            await asyncio.sleep(c.knobs.first_delay)
-        sim.stats.add(reply)
-        await sim._json(c, msg)
+        await sim._answer(c, msg, reply)
         return
     await sim._stream(c, events(msg, reply, omit_usage=c.knobs.omit_usage), reply, done=False)
 

@@ -157,6 +157,13 @@ class Simulator:
 
     # -- transport -----------------------------------------------------------------------------
 
+    async def _answer(self, c: Call, obj: JSON, reply: Reply) -> None:
+        """A whole (non-stream) answer: after the first-byte delay knob, counted, then sent."""
+        if c.knobs.first_delay:
+            await asyncio.sleep(c.knobs.first_delay)
+        self.stats.add(reply)
+        await self._json(c, obj)
+
     async def _json(self, c: Call, obj: JSON | list[JSON]) -> None:
         k = c.knobs
         body = b"" if k.empty else b"not json at all" if k.bad_json else orjson.dumps(obj)

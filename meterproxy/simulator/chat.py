@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -34,10 +33,7 @@ async def chat(sim: Simulator, c: Call) -> None:
         return
     stream = b.get("stream") is not False if c.flavor == "v3" else b.get("stream") is True
     if not stream:
-        if c.knobs.first_delay:
-            await asyncio.sleep(c.knobs.first_delay)
-        sim.stats.add(reply)
-        await sim._json(c, _chat_object(sim, reply, c))
+        await sim._answer(c, _chat_object(sim, reply, c), reply)
         return
     opts = b.get("stream_options")
     with_usage = isinstance(opts, dict) and opts.get("include_usage") is True \

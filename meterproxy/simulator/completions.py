@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -40,16 +39,13 @@ async def completions(sim: Simulator, c: Call) -> None:
              "total_tokens": reply.prompt + reply.completion}
     cid, created = sim._id("cmpl-"), int(time.time())
     if b.get("stream") is not True:
-        if c.knobs.first_delay:
-            await asyncio.sleep(c.knobs.first_delay)
-        sim.stats.add(reply)
         obj: JSON = {"id": cid, "object": "text_completion", "created": created,
                      "model": model, "system_fingerprint": _FINGERPRINT, "choices": [
                          {"text": _joined(ch.content), "index": i, "logprobs": None,
                           "finish_reason": ch.finish} for i, ch in enumerate(reply.choices)]}
         if not c.knobs.omit_usage:
             obj["usage"] = usage
-        await sim._json(c, obj)
+        await sim._answer(c, obj, reply)
         return
     opts = b.get("stream_options")
     with_usage = isinstance(opts, dict) and opts.get("include_usage") is True \

@@ -9,7 +9,6 @@ chunks carry cumulative usageMetadata.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import zlib
@@ -110,10 +109,7 @@ async def generate(sim: Simulator, c: Call) -> None:
                      "modelVersion": model, "responseId": rid}
         if c.knobs.omit_usage:
             del obj["usageMetadata"]
-        if c.knobs.first_delay:
-            await asyncio.sleep(c.knobs.first_delay)
-        sim.stats.add(reply)
-        await sim._json(c, obj)
+        await sim._answer(c, obj, reply)
         return
     chunks = _chunks(reply, thoughts if show_thoughts else [], answer, finish, rid, c.knobs.omit_usage)
     if b"alt=sse" not in c.query:

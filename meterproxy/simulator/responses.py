@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
@@ -56,10 +55,7 @@ async def responses(sim: Simulator, c: Call) -> None:
     if c.knobs.omit_usage:
         del resp["usage"]
     if b.get("stream") is not True:
-        if c.knobs.first_delay:
-            await asyncio.sleep(c.knobs.first_delay)
-        sim.stats.add(reply)
-        await sim._json(c, resp)
+        await sim._answer(c, resp, reply)
         return
     await sim._stream(c, _response_events(resp, item, ch.content), reply, done=False)
 

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from meterproxy.ledger.store import LedgerStore
 
 SCHEMES = ("sqlite://", "postgresql://", "postgres://")
 
@@ -24,15 +20,3 @@ def redact(url: str) -> str:
     """The URL without its password (for logs and check-config)."""
     return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
 
-
-def open_ledger_store(url: str, base_dir: str | Path = ".") -> LedgerStore:
-    """The store for a ledger URL; opens nothing yet (the first call connects)."""
-    if url.startswith("sqlite://"):
-        from meterproxy.ledger.sqlite import SqliteStore
-
-        return SqliteStore(str(sqlite_path(url, base_dir)))
-    if url.startswith(("postgresql://", "postgres://")):
-        from meterproxy.ledger.postgres import PostgresStore
-
-        return PostgresStore(url)
-    raise ValueError(f"unsupported ledger URL scheme: must start with {', '.join(SCHEMES)}")
