@@ -738,6 +738,10 @@ def profile_md(profiles: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _rev(b: dict[str, Any]) -> str:
+    return b["rev"] if b["commit"].startswith(b["rev"]) else f"{b['rev']} ({b['commit']})"
+
+
 def render_generated(res: dict[str, Any]) -> str:
     m = res["machine"]
     v = m["versions"]
@@ -749,14 +753,13 @@ def render_generated(res: dict[str, Any]) -> str:
         f"- Versions: Python {v['python']}, uvicorn {v['uvicorn']}, aiohttp {v['aiohttp']}, uvloop {v['uvloop']}, "
         f"httptools {v['httptools']}, orjson {v['orjson']}, redis-py {v['redis']}; {v['nginx']}; {v['wrk']}; "
         f"{v['redis-server']}",
-        f"- Code: {m['git']}" + (f"; base-mem and base-redis: {res['baseline']['rev']} "
-                                 f"({res['baseline']['commit']}), from a temporary worktree, same venv"
-                                 if res.get("baseline") else ""),
+        f"- Code: {m['git']}" + (f"; base-mem and base-redis: {_rev(res['baseline'])}, from a temporary "
+                                 "worktree, same venv" if res.get("baseline") else ""),
         f"- Command: `{res['command']}` ({res['rounds']} rounds x {res['duration_s']} s per run; "
         f"whole bench {res['elapsed_s']:.0f} s)",
         "- Placement: proxy, bare and nginx on core 0; simulator, redis-server, wrk and the stream client "
         "on core 1 (`taskset`)"
-        + (" (base-mem and base-redis on core 0, base-redis's own redis-server on core 1)" if res.get("baseline")
+        + ("; base-mem and base-redis on core 0, base-redis's own redis-server on core 1" if res.get("baseline")
            else "")
         + ". Figures are medians over rounds; *added* = path minus direct in the same round; "
         "*core busy* = the path's CPU seconds / wall seconds (100% = its core is saturated); *run-queue wait* = "
@@ -766,8 +769,8 @@ def render_generated(res: dict[str, Any]) -> str:
         f"- Results: `bench/results/{res['timestamp']}.json` (and `latest.json`)\n",
         "### Targets (issue #6)\n",
         targets_table(res["targets"]),
-        *([f"\n### New against {res['baseline']['rev']} ({res['baseline']['commit']}), same run\n",
-           "Each comparison is made within a round (new and base measured minutes apart, in rotating order), "
+        *([f"\n### New against {_rev(res['baseline'])}, same run\n",
+           "Each comparison is made within a round (new and base measured seconds apart, paths in rotating order), "
            "then the median over rounds is taken; the range shows the rounds' spread. *delta* rows are "
            "differences in ms; the others ratios.\n",
            criteria_table(res["baseline"]["criteria"]), "",
