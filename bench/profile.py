@@ -94,8 +94,11 @@ def _frame(raw: str) -> tuple[str, str]:
 
 
 # Leaves that mean "this thread is waiting", which py-spy's idle detection misses in some VMs:
-# the default executor's idle threads (asyncio.to_thread) would otherwise dominate the profile.
-_IDLE_LEAVES = ("_worker (concurrent/futures/thread.py)", "wait (threading.py)", "get (queue.py)")
+# the default executor's idle threads (asyncio.to_thread) would otherwise dominate the profile, and
+# the log listener thread (meterproxy/logs.py) waits in SimpleQueue.get, C code charged to `dequeue`
+# (28 % of a non-stream profile at log level WARNING, where it has nothing to do).
+_IDLE_LEAVES = ("_worker (concurrent/futures/thread.py)", "wait (threading.py)", "get (queue.py)",
+                "QueueListener.dequeue (logging/handlers.py)")
 
 
 def summarise(folded: Path, top: int = 15) -> dict[str, Any]:

@@ -16,12 +16,22 @@ Proxy CPU per request = user+sys CPU of the proxy's processes over a run / reque
 non-stream request) / SSE events the provider sent. Redis CPU per request = redis-server's user+sys
 CPU over a run (/proc) / requests in the run, next to the proxy's for the Redis variant (issue #10:
 Redis holds limiter state only). Both proxies write their ledger to SQLite (the default file beside
-their config, in the bench's temp dir).
+their config, each in its own folder of the bench's temp dir).
+
+`--baseline REV` adds the code as it was at REV, in the same run: a temporary `git worktree` of REV
+(removed at the end) serves two more paths with this venv ("python -P -m meterproxy" with PYTHONPATH
+at the worktree, so nothing of the current tree is imported):
+  base-mem    REV's proxy, 1 worker, in-process store               core 0
+  base-redis  REV's proxy, 1 worker, Redis store, its own
+              redis-server (so each variant's Redis CPU is its own)  core 1 (the redis-server)
+They rotate through the rounds with the other paths, and a table of same-round ratios (new/base,
+new/bare) follows the main one. The config is the same for both codes (REV's has no `ledger:` section:
+its ledger lives in its store, in-process or in Redis).
 
 Writes bench/results/<UTC timestamp>.json (replacing the previous run's) and bench/results/latest.json,
 prints the table, and rewrites the generated part of docs/performance.md (between the bench markers).
 
-    .venv/bin/python bench/run.py [--rounds 3] [--duration 2] [--quick] [--no-profile]
+    .venv/bin/python bench/run.py [--rounds 3] [--duration 2] [--quick] [--no-profile] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -69,6 +79,10 @@ MODEL = "gpt-4o-mini"
 PROXY_CORES, LOAD_CORES, ALL_CORES = "0", "1", "0,1"
 PATHS = ("direct", "nginx", "bare", "proxy-mem", "proxy-redis")
 PROXIES = ("proxy-mem", "proxy-redis")
+BASE_PATHS = ("base-mem", "base-redis")                 # --baseline: the code at REV
+METERED = (*PROXIES, *BASE_PATHS, "proxy-w2")           # paths that ask the provider for stream usage
+REDIS_OF = {"proxy-redis": "redis", "proxy-w1": "redis", "proxy-w2": "redis", "base-redis": "redis-base"}
+VARIANTS = {"mem": ("proxy-mem", "base-mem"), "redis": ("proxy-redis", "base-redis")}
 
 
 # --- what is sent -------------------------------------------------------------------------------
@@ -127,7 +141,7 @@ class Scenario:
     def events(self, path: str) -> int:
         """SSE events the provider sends per stream: role, content chunks, finish, [DONE], and the
         usage chunk the proxy asks for."""
-        return self.chunks + 3 + (1 if path in PROXIES or path == "proxy-w2" else 0)
+        return self.chunks + 3 + (1 if path in METERED else 0)
 
 
 def scenarios(duration: float) -> list[Scenario]:
@@ -158,8 +172,14 @@ class Bench:
     scripts: dict[str, Path] = field(default_factory=dict)
     bodies: dict[bool, Path] = field(default_factory=dict)
     rss_fresh: dict[str, int] = field(default_factory=dict)
+    configs: dict[str, Path] = field(default_factory=dict)
+    baseline: Path | None = None   # a worktree of --baseline REV: adds the base-* paths
     profile_s: float = 8.0
     log: Callable[[str], None] = print
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (*PATHS, *BASE_PATHS) if self.baseline else PATHS
 
     def script(self, sc: Scenario) -> Path:
         if sc.key not in self.scripts:
@@ -173,18 +193,28 @@ class Bench:
             self.bodies[stream] = p
         s = self.services
         s["simulator"] = services.simulator(self.tmp, LOAD_CORES).wait_ready()
-        s["redis"] = services.redis(self.tmp, LOAD_CORES).wait_ready()
+        proxies: list[tuple[str, str | None, Path | None]] = [
+            ("proxy-mem", None, None), ("proxy-redis", "redis", None)]
+        if self.baseline:
+            proxies += [("base-mem", None, self.baseline), ("base-redis", "redis-base", self.baseline)]
+        for _, redis, _ in proxies:
+            if redis:
+                s[redis] = services.redis(self.tmp, LOAD_CORES, redis).wait_ready()
         sim_port = s["simulator"].port
-        for name, url in (("proxy-mem", None), ("proxy-redis", f"redis://127.0.0.1:{s['redis'].port}/0")):
-            cfg = self.tmp / f"{name}.yaml"
+        for name, redis, code in proxies:
+            # a folder per proxy: each its own SQLite ledger (the default file beside the config)
+            cfg = self.tmp / name / f"{name}.yaml"
+            cfg.parent.mkdir()
+            url = f"redis://127.0.0.1:{s[redis].port}/0" if redis else None
             cfg.write_text(yaml.safe_dump(proxy_config(sim_port, url), sort_keys=False))
-            s[name] = services.proxy(name, self.tmp, cfg, PROXY_CORES)
+            self.configs[name] = cfg
+            s[name] = services.proxy(name, self.tmp, cfg, PROXY_CORES, code=code)
         s["bare"] = services.bare(self.tmp, s["simulator"].url, PROXY_CORES)
         s["nginx"] = services.nginx(self.tmp, sim_port, PROXY_CORES)
-        for name in ("proxy-mem", "proxy-redis", "bare", "nginx"):
+        for name in self.paths[1:]:
             s[name].wait_ready()
-        self.urls = {"direct": s["simulator"].url, **{n: s[n].url for n in PATHS[1:]}}
-        self.rss_fresh = {n: s[n].rss() for n in PATHS[1:]}
+        self.urls = {"direct": s["simulator"].url, **{n: s[n].url for n in self.paths[1:]}}
+        self.rss_fresh = {n: s[n].rss() for n in self.paths[1:]}
 
     def stop(self) -> None:
         for svc in reversed(list(self.services.values())):
@@ -196,7 +226,7 @@ class Bench:
         """One measured run of `sc` against `path`, with the path's CPU use over the run."""
         url = (url or self.urls[path]) + "/v1/chat/completions"
         svc = svc if svc is not None else self.services.get(path if path != "direct" else "")
-        redis = self.services.get("redis") if path in ("proxy-redis", "proxy-w1", "proxy-w2") else None
+        redis = self.services.get(REDIS_OF.get(path, ""))
         cpu0 = svc.cpu_s() if svc else 0.0
         sched0 = svc.sched_ns() if svc else (0, 0)
         r_cpu0 = redis.cpu_s() if redis else 0.0
@@ -242,21 +272,22 @@ class Bench:
     async def warm_up(self) -> None:
         warm = Scenario("warm", "warm-up", "wrk", 16, False, duration_s=1.0)
         warm_s = Scenario("warm-s", "warm-up", "wrk", 16, True, duration_s=0.5)
-        for path in PATHS:
+        for path in self.paths:
             await self.run_one(warm, path)
             await self.run_one(warm_s, path)
 
     async def rounds_run(self, scs: list[Scenario]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-        raw: dict[str, dict[str, list[dict[str, Any]]]] = {sc.key: {p: [] for p in PATHS} for sc in scs}
+        paths = self.paths
+        raw: dict[str, dict[str, list[dict[str, Any]]]] = {sc.key: {p: [] for p in paths} for sc in scs}
         for r in range(self.rounds):
-            order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]
+            order = paths[r % len(paths):] + paths[:r % len(paths)]
             self.log(f"round {r + 1}/{self.rounds}  (order: {', '.join(order)})")
             for sc in scs:
                 for path in order:
                     raw[sc.key][path].append(await self.run_one(sc, path))
                 d = raw[sc.key]
                 self.log(f"  {sc.title:38s} " + "  ".join(
-                    f"{p} {d[p][-1]['req_s']:7.0f}/s" for p in PATHS))
+                    f"{p} {d[p][-1]['req_s']:7.0f}/s" for p in paths))
         return raw
 
     async def memory(self, n: int) -> dict[str, Any]:
@@ -264,7 +295,7 @@ class Bench:
         sc = Scenario("mem", f"{n} open slow streams", "streams", n, True, chunks=100, delay_ms=100)
         body = self.bodies[True].read_bytes()
         out: dict[str, Any] = {"streams": n, "chunks": sc.chunks, "delay_ms": sc.delay_ms}
-        for path in ("proxy-mem", "proxy-redis", "bare", "nginx"):
+        for path in self.paths[1:]:
             svc = self.services[path]
             before = svc.rss()
 
@@ -284,10 +315,13 @@ class Bench:
 
     async def profiles(self) -> dict[str, Any]:
         """py-spy profiles of proxy-mem under non-stream c=32 and paced streams c=32, and of
-        proxy-redis under non-stream c=32."""
+        proxy-redis under non-stream c=32 (and of base-mem and base-redis under non-stream c=32)."""
         out: dict[str, Any] = {}
         scs = {sc.key: sc for sc in scenarios(self.profile_s + 2)}
-        for path, key in (("proxy-mem", "ns32"), ("proxy-mem", "p32"), ("proxy-redis", "ns32")):
+        runs = [("proxy-mem", "ns32"), ("proxy-mem", "p32"), ("proxy-redis", "ns32")]
+        if self.baseline:
+            runs += [("base-mem", "ns32"), ("base-redis", "ns32")]
+        for path, key in runs:
             svc = self.services[path]
             load = asyncio.create_task(self.run_one(scs[key], path))
             await asyncio.sleep(1.0)
@@ -307,7 +341,7 @@ class Bench:
     async def workers(self, n_rounds: int) -> dict[str, Any]:
         """--workers 2 against 1 worker (both Redis store), everything on both cores."""
         s = self.services
-        cfg = self.tmp / "proxy-redis.yaml"
+        cfg = self.configs["proxy-redis"]
         s["proxy-w2"] = w2 = services.proxy("proxy-w2", self.tmp, cfg, ALL_CORES, workers=2).wait_ready()
         for name in ("proxy-redis", "simulator", "redis"):
             s[name].set_cores(ALL_CORES)
@@ -369,6 +403,15 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: _med([r[k] for r in runs if k in r]) for k in NUMERIC if any(k in r for r in runs)}
 
 
+CHUNKED = ("p32", "p1", "long", "s32", "pl16")   # scenarios with a per-chunk cost
+
+
+def _per_chunk(sc: Scenario, path: str, runs: list[dict[str, Any]], ns32: list[dict[str, Any]]) -> list[float]:
+    """Per round: (CPU per stream - CPU per non-stream request of the same round) / provider events."""
+    return [(s["cpu_us_per_req"] - b["cpu_us_per_req"]) / sc.events(path)
+            for s, b in zip(runs, ns32, strict=True) if "cpu_us_per_req" in s and "cpu_us_per_req" in b]
+
+
 def _figures(by: dict[str, Scenario], raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     """Medians over the given rounds per scenario and path; "added" figures against the same
     round's direct run; per chunk against the same round's non-stream run."""
@@ -389,18 +432,13 @@ def _figures(by: dict[str, Scenario], raw: dict[str, dict[str, list[dict[str, An
                 m["capacity_req_s"] = 1e6 / m["cpu_us_per_req"]  # at 100 % of one core
             agg[path] = m
         out[key] = agg
-    # per chunk: (CPU per stream - CPU per non-stream request) / provider events, same round
-    for key in ("p32", "p1", "long", "s32", "pl16"):
+    for key in CHUNKED:
         if key not in raw or "ns32" not in raw:
             continue
-        sc = by[key]
-        for path in PATHS[1:]:
-            per = [(s["cpu_us_per_req"] - b["cpu_us_per_req"]) / sc.events(path)
-                   for s, b in zip(raw[key][path], raw["ns32"][path], strict=True)
-                   if "cpu_us_per_req" in s and "cpu_us_per_req" in b]
-            out[key][path]["cpu_us_per_chunk"] = _med(per)
+        for path in list(raw[key])[1:]:
+            out[key][path]["cpu_us_per_chunk"] = _med(_per_chunk(by[key], path, raw[key][path], raw["ns32"][path]))
         bare_chunk = out[key]["bare"].get("cpu_us_per_chunk", math.nan)
-        for path in PROXIES:
+        for path in (p for p in raw[key] if p in METERED):
             out[key][path]["added_cpu_us_per_chunk_over_bare"] = (
                 out[key][path].get("cpu_us_per_chunk", math.nan) - bare_chunk)
     return out
@@ -421,7 +459,7 @@ def aggregate(scs: list[Scenario], raw: dict[str, dict[str, list[dict[str, Any]]
         sel[key] = {p: [runs[q]] for p, runs in paths.items()}
     quiet = _figures(by, sel)
     for key, agg in quiet.items():
-        for path in PATHS:
+        for path in raw[key]:
             out[key][path]["quiet"] = agg[path]
     return out
 
@@ -495,6 +533,114 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# --baseline: the new code against REV's, round by round --------------------------------------------
+
+# (what, scenario, metric, "ratio" (new/base) or "delta" (new - base, for latencies that can be ~0 or
+# negative), variants). Every comparison is made within a round, then the median is taken over rounds.
+COMPARE: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
+    ("proxy CPU µs/request", "ns32", "cpu_us_per_req", "ratio", ("mem", "redis")),
+    ("proxy CPU µs/request", "s32", "cpu_us_per_req", "ratio", ("mem", "redis")),
+    ("redis-server CPU µs/request", "ns32", "redis_cpu_us_per_req", "ratio", ("redis",)),
+    ("redis-server CPU µs/request", "s32", "redis_cpu_us_per_req", "ratio", ("redis",)),
+    ("added p50 ms", "ns1", "added_p50_ms", "delta", ("mem", "redis")),
+    ("added p50 ms", "s1", "added_p50_ms", "delta", ("mem", "redis")),
+    ("added TTFB p50 ms", "s1", "added_ttfb_p50_ms", "delta", ("mem", "redis")),
+    ("req/s", "ns32", "req_s", "ratio", ("mem", "redis")),
+    ("streams/s", "s32", "req_s", "ratio", ("mem", "redis")),
+    ("proxy CPU µs/chunk", "pl16", "cpu_us_per_chunk", "ratio", ("mem", "redis")),
+    ("proxy CPU µs/chunk", "long", "cpu_us_per_chunk", "ratio", ("mem", "redis")),
+)
+
+
+# issue #10: (scenario, metric, variant, highest new/base ratio allowed, what)
+CRITERIA: tuple[tuple[str, str, str, float, str], ...] = (
+    ("ns32", "redis_cpu_us_per_req", "redis", 0.5,
+     "redis-server CPU per proxied request (proxy-redis / base-redis, non-stream c=32)"),
+    ("ns32", "cpu_us_per_req", "mem", 1.1,
+     "proxy CPU per request, SQLite ledger / the old in-process store (non-stream c=32)"),
+)
+
+
+def _rounds_of(raw: dict[str, dict[str, list[dict[str, Any]]]], by: dict[str, Scenario], key: str, path: str,
+               metric: str) -> list[float]:
+    """`metric` of `path` in `key`, one value per round (nan where missing)."""
+    runs = raw[key][path]
+    if metric == "cpu_us_per_chunk":
+        return _per_chunk(by[key], path, runs, raw["ns32"][path]) if "ns32" in raw else []
+    if metric.startswith("added_"):
+        m = metric.removeprefix("added_")
+        return [r[m] - d[m] if m in r and m in d else math.nan for r, d in zip(runs, raw[key]["direct"], strict=True)]
+    return [r.get(metric, math.nan) for r in runs]
+
+
+def _compare(a: list[float], b: list[float], kind: str) -> list[float]:
+    return [x / y if kind == "ratio" else x - y for x, y in zip(a, b, strict=False)
+            if not (math.isnan(x) or math.isnan(y)) and (kind != "ratio" or y)]
+
+
+def baseline_rows(scs: list[Scenario], raw: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One row per comparison and variant: medians of new, base and bare, and the median (and range)
+    over rounds of the same-round new/base and new/bare ratios (or differences)."""
+    by = {sc.key: sc for sc in scs}
+    rows: list[dict[str, Any]] = []
+    for what, key, metric, kind, variants in COMPARE:
+        if key not in raw or (metric == "cpu_us_per_chunk" and "ns32" not in raw):
+            continue
+        bare = _rounds_of(raw, by, key, "bare", metric) if metric != "redis_cpu_us_per_req" else []
+        for v in variants:
+            new_p, base_p = VARIANTS[v]
+            new, base = _rounds_of(raw, by, key, new_p, metric), _rounds_of(raw, by, key, base_p, metric)
+            vs_base, vs_bare, base_bare = (_compare(new, base, kind), _compare(new, bare, kind),
+                                           _compare(base, bare, kind))
+            rows.append({"what": what, "scenario": key, "title": by[key].title, "metric": metric, "kind": kind,
+                         "variant": v, "new": _med(new), "base": _med(base), "bare": _med(bare),
+                         "new_vs_base": _med(vs_base), "new_vs_base_range": [min(vs_base), max(vs_base)]
+                         if vs_base else [], "new_vs_bare": _med(vs_bare), "base_vs_bare": _med(base_bare)})
+    return rows
+
+
+def baseline_criteria(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue #10's two figures against REV, judged on the median of the same-round ratios."""
+    find = {(r["scenario"], r["metric"], r["variant"]): r for r in rows}
+    out = []
+    for key, metric, v, most, name in CRITERIA:
+        r = find.get((key, metric, v))
+        if r is not None:
+            x = r["new_vs_base"]
+            out.append({"target": name, "goal": f"≤ {most:.2f}x", "ratio": x, "range": r["new_vs_base_range"],
+                        "new": r["new"], "base": r["base"], "met": not math.isnan(x) and x <= most})
+    return out
+
+
+def _vs(v: float, kind: str) -> str:
+    if math.isnan(v):
+        return "-"
+    return f"{v:.2f}x" if kind == "ratio" else f"{v:+.2f} ms"
+
+
+def baseline_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| figure | scenario | store | new | base | bare | new vs base (range over rounds) | new vs bare "
+             "| base vs bare |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        nd = 0 if r["metric"] in ("req_s", "cpu_us_per_req", "redis_cpu_us_per_req") else 2 \
+            if r["kind"] == "delta" else 1
+        rng = r["new_vs_base_range"]
+        spread = f" ({_vs(rng[0], r['kind'])} … {_vs(rng[1], r['kind'])})" if rng else ""
+        lines.append(f"| {r['what']} | {r['title']} | {r['variant']} | {_f(r['new'], nd)} | {_f(r['base'], nd)} | "
+                     f"{_f(r['bare'], nd)} | {_vs(r['new_vs_base'], r['kind'])}{spread} | "
+                     f"{_vs(r['new_vs_bare'], r['kind'])} | {_vs(r['base_vs_bare'], r['kind'])} |")
+    return "\n".join(lines)
+
+
+def criteria_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| criterion | goal | new | base | new/base (range over rounds) | met |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        rng = f" ({r['range'][0]:.2f} … {r['range'][1]:.2f})" if r["range"] else ""
+        lines.append(f"| {r['target']} | {r['goal']} | {_f(r['new'], 0)} µs | {_f(r['base'], 0)} µs | "
+                     f"{r['ratio']:.2f}x{rng} | {'yes' if r['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
 def _f(v: Any, nd: int = 2) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -509,7 +655,7 @@ def table(res: dict[str, Any]) -> str:
             "| proxy CPU µs/req | redis CPU µs/req | µs/chunk | core busy | run-queue wait |")
     lines = [head, "|" + "---|" * 2 + "---:|" * 11]
     for key, sc in res["scenarios"].items():
-        for path in PATHS:
+        for path in res.get("paths", PATHS):
             m = sc[path]
             lines.append("| " + " | ".join([
                 sc["title"] if path == "direct" else "", path, _f(m.get("req_s"), 0), _f(m.get("p50_ms")),
@@ -540,7 +686,7 @@ def quiet_table(res: dict[str, Any]) -> str:
     lines = ["| scenario (round, other processes' cores) | path | req/s | p50 ms | added p50 ms | TTFB added ms "
              "| proxy CPU µs/req | µs/chunk |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for sc in res["scenarios"].values():
-        for path in PATHS:
+        for path in res.get("paths", PATHS):
             q = sc[path]["quiet"]
             first = f"{sc['title']} (#{sc['quiet_round']}, {sc['quiet_other_cores']:.2f})" if path == "direct" else ""
             lines.append("| " + " | ".join([
@@ -555,7 +701,7 @@ def quiet_table(res: dict[str, Any]) -> str:
 def memory_table(mem: dict[str, Any]) -> str:
     lines = ["| path | open | RSS at start MB | RSS before MB | RSS with streams open MB | KB per open stream "
              "| RSS after MB |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for p in ("proxy-mem", "proxy-redis", "bare", "nginx"):
+    for p in (k for k, v in mem.items() if isinstance(v, dict)):
         if p in mem:
             m = mem[p]
             lines.append(f"| {p} | {m['open']} | {m['rss_fresh'] / 2**20:.1f} | {m['rss_before'] / 2**20:.1f} | "
@@ -592,6 +738,10 @@ def profile_md(profiles: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _rev(b: dict[str, Any]) -> str:
+    return b["rev"] if b["commit"].startswith(b["rev"]) else f"{b['rev']} ({b['commit']})"
+
+
 def render_generated(res: dict[str, Any]) -> str:
     m = res["machine"]
     v = m["versions"]
@@ -603,11 +753,15 @@ def render_generated(res: dict[str, Any]) -> str:
         f"- Versions: Python {v['python']}, uvicorn {v['uvicorn']}, aiohttp {v['aiohttp']}, uvloop {v['uvloop']}, "
         f"httptools {v['httptools']}, orjson {v['orjson']}, redis-py {v['redis']}; {v['nginx']}; {v['wrk']}; "
         f"{v['redis-server']}",
-        f"- Code: {m['git']}",
+        f"- Code: {m['git']}" + (f"; base-mem and base-redis: {_rev(res['baseline'])}, from a temporary "
+                                 "worktree, same venv" if res.get("baseline") else ""),
         f"- Command: `{res['command']}` ({res['rounds']} rounds x {res['duration_s']} s per run; "
         f"whole bench {res['elapsed_s']:.0f} s)",
         "- Placement: proxy, bare and nginx on core 0; simulator, redis-server, wrk and the stream client "
-        "on core 1 (`taskset`). Figures are medians over rounds; *added* = path minus direct in the same round; "
+        "on core 1 (`taskset`)"
+        + ("; base-mem and base-redis on core 0, base-redis's own redis-server on core 1" if res.get("baseline")
+           else "")
+        + ". Figures are medians over rounds; *added* = path minus direct in the same round; "
         "*core busy* = the path's CPU seconds / wall seconds (100% = its core is saturated); *run-queue wait* = "
         "time its threads were runnable but waiting for a CPU / wall seconds (other processes crowding its core).",
         f"- Other processes on the machine (not this benchmark) used a median {res['other_cores']['median']:.2f} "
@@ -615,6 +769,12 @@ def render_generated(res: dict[str, Any]) -> str:
         f"- Results: `bench/results/{res['timestamp']}.json` (and `latest.json`)\n",
         "### Targets (issue #6)\n",
         targets_table(res["targets"]),
+        *([f"\n### New against {_rev(res['baseline'])}, same run\n",
+           "Each comparison is made within a round (new and base measured seconds apart, paths in rotating order), "
+           "then the median over rounds is taken; the range shows the rounds' spread. *delta* rows are "
+           "differences in ms; the others ratios.\n",
+           criteria_table(res["baseline"]["criteria"]), "",
+           baseline_table(res["baseline"]["rows"])] if res.get("baseline") else []),
         "\n### All scenarios (medians over rounds)\n",
         table(res),
         "\n### All scenarios, quietest round\n",
@@ -695,6 +855,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+def add_worktree(rev: str, where: Path) -> Path:
+    """A detached `git worktree` of `rev` (the code to compare against), at `where`."""
+    p = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"bench: --baseline {rev}: git worktree add failed: {p.stderr.strip()}")
+    return where
+
+
+def remove_worktree(where: Path) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)],
+                   capture_output=True, text=True)
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True, text=True)
+
+
 def check_tools() -> None:
     missing = [t for t in ("wrk", "nginx", "redis-server", "taskset") if shutil.which(t) is None
                and not (t == "nginx" and Path("/usr/sbin/nginx").exists())]
@@ -728,6 +903,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                            "rounds": args.rounds, "duration_s": args.duration, "machine": machine()}
     n_streams = raise_fd_limit(args.streams)
     try:
+        if args.baseline:
+            b.baseline = add_worktree(args.baseline, tmp / "baseline")
+            res["baseline"] = {"rev": args.baseline, "commit": _cmd_out(
+                ["git", "-C", str(b.baseline), "rev-parse", "--short", "HEAD"])}
+        res["paths"] = list(b.paths)
         print(f"starting services in {tmp}")
         b.start()
         await b.warm_up()
@@ -735,6 +915,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         raw = await b.rounds_run(scs)
         res["scenarios"] = aggregate(scs, raw)
         res["raw"] = raw
+        if b.baseline:
+            rows = baseline_rows(scs, raw)
+            res["baseline"].update(rows=rows, criteria=baseline_criteria(rows))
         other = [r["other_cores"] for sc in raw.values() for runs in sc.values() for r in runs]
         res["other_cores"] = {"median": _med(other), "max": max(other)}
         if not args.no_memory and n_streams:
@@ -748,6 +931,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             res["workers"] = await b.workers(args.rounds)
     finally:
         b.stop()
+        if b.baseline:
+            remove_worktree(b.baseline)
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -769,7 +954,9 @@ def main() -> None:
     p.add_argument("--no-workers", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print only: no results file, no docs")
     p.add_argument("--keep-tmp", action="store_true")
-    p.add_argument("--only", help="comma-separated scenarios (ns1,ns32,s1,s32,p1,p32,long) for a focused "
+    p.add_argument("--baseline", metavar="REV", help="also run the proxy as it was at git revision REV "
+                                                     "(paths base-mem, base-redis) and compare, same run")
+    p.add_argument("--only", help="comma-separated scenarios (ns1,ns32,s1,s32,p1,p32,long,pl16) for a focused "
                                   "comparison: prints only, no memory/profile/workers")
     args = p.parse_args()
     if args.only:
@@ -791,6 +978,11 @@ def main() -> None:
     print(table(res))
     print()
     print(targets_table(res["targets"]))
+    if res.get("baseline"):
+        print()
+        print(criteria_table(res["baseline"]["criteria"]))
+        print()
+        print(baseline_table(res["baseline"]["rows"]))
     if args.no_write:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)

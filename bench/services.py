@@ -18,13 +18,16 @@ def simulator(tmp: Path, cores: str) -> Service:
                    cores=cores, log=tmp / "simulator.log")
 
 
-def proxy(name: str, tmp: Path, config: Path, cores: str, workers: int = 1) -> Service:
+def proxy(name: str, tmp: Path, config: Path, cores: str, workers: int = 1, code: Path | None = None) -> Service:
+    """`meterproxy serve`; with `code`, the package from that checkout (bench --baseline): -P keeps
+    the working directory (this tree) off sys.path, and PYTHONPATH comes before the venv's editable
+    install of this tree."""
     port = free_port()
-    argv = [PY, "-m", "meterproxy", "serve", "--config", str(config), "--port", str(port)]
+    argv = [PY, *(["-P"] if code else []), "-m", "meterproxy", "serve", "--config", str(config), "--port", str(port)]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    return Service(name, argv, port, cores=cores, log=tmp / f"{name}.log",
-                   env={"METERPROXY_LOG_LEVEL": "WARNING"})
+    env = {"METERPROXY_LOG_LEVEL": "WARNING", **({"PYTHONPATH": str(code)} if code else {})}
+    return Service(name, argv, port, cores=cores, log=tmp / f"{name}.log", env=env)
 
 
 def bare(tmp: Path, upstream: str, cores: str) -> Service:
@@ -33,14 +36,14 @@ def bare(tmp: Path, upstream: str, cores: str) -> Service:
                    port, cores=cores, log=tmp / "bare.log")
 
 
-def redis(tmp: Path, cores: str) -> Service:
+def redis(tmp: Path, cores: str, name: str = "redis") -> Service:
     port = free_port()
-    d = tmp / "redis"
+    d = tmp / name
     d.mkdir(exist_ok=True)
     exe = shutil.which("redis-server") or "redis-server"
-    return Service("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    return Service(name, [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(d)], port, cores=cores,
-                   log=tmp / "redis.log")
+                   log=tmp / f"{name}.log")
 
 
 NGINX_CONF = """\
