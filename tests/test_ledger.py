@@ -357,6 +357,32 @@ async def test_sqlite_commits_within_a_second(tmp_path: Any) -> None:
         await ledger.close(1)
 
 
+async def test_a_trickle_of_records_is_written_in_few_transactions(tmp_path: Any) -> None:
+    """Records arriving one by one (a client at concurrency 1) are gathered for a moment, not
+    committed one transaction each: a transaction's fixed cost made the SQLite ledger ~4x the CPU
+    per record in small batches. 40 records 2 ms apart: at most 3 batches (one per 200 ms), each
+    written within a second (the test above) — before, ~40 batches."""
+    store = open_ledger_store(f"sqlite://{tmp_path}/l.db")
+    sizes: list[int] = []
+    write = store.write
+
+    async def counted(batch: Any) -> int:
+        sizes.append(len(batch))
+        return await write(batch)
+
+    store.write = counted  # type: ignore[method-assign]
+    ledger = Ledger(store)
+    await ledger.open(maintain=False)
+    try:
+        for i in range(40):
+            ledger.submit(make(i, D0 + i))
+            await asyncio.sleep(0.002)
+        assert await ledger.drain(5)
+        assert sum(sizes) == 40 and len(sizes) <= 3, sizes
+    finally:
+        await ledger.close(1)
+
+
 async def test_postgres_partitions_ahead_and_readiness(tmp_path: Any) -> None:
     """maintain() creates this month's and the next two months' partitions; a stopped server makes
     ready() fail (/readyz 503) and writes queue; they land once it is back, exactly once."""

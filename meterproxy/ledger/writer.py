@@ -8,6 +8,13 @@ default, a few hundred MB at worst) the oldest records are dropped and counted i
 unbounded memory would trade a metering gap for an OOM kill that loses the whole backlog.
 Retried batches cannot count twice because the store's writes are idempotent per record
 (UsageRecord.dedupe_id).
+
+A batch smaller than `batch_size` waits up to `linger_s` (200 ms) for more records before it is
+written: committing as soon as anything was queued made one transaction per request at low load,
+and a transaction's fixed cost (BEGIN IMMEDIATE, COMMIT, fsync) made the SQLite ledger cost ~32 µs
+of CPU per record in batches of 20 against ~8 µs in batches of 500 (measured; bench showed proxy
+CPU per request 1.12-1.25x the old in-process store). A record is still committed well within a
+second of its response; `drain` (SIGTERM, tests) skips the wait.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ log = logging.getLogger("meterproxy.ledger")
 
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 1.0
+LINGER_S = 0.2
 
 
 class Writer:
@@ -33,8 +41,11 @@ class Writer:
     def __init__(self, store: LedgerStore, *, on_backlog: Callable[[int], None] | None = None,
                  max_backlog: int = 1_000_000, batch_size: int = 500,
                  on_store_error: Callable[[str], None] | None = None,
-                 on_write: Callable[[str], None] | None = None) -> None:
+                 on_write: Callable[[str], None] | None = None, linger_s: float = LINGER_S) -> None:
         self._store = store
+        self._linger_s = linger_s
+        self._full = asyncio.Event()   # a whole batch is queued, or a drain wants everything now
+        self._draining = 0
         self._on_write = on_write
         self.failing = False   # the last write attempt failed (readiness reads it)
         self._on_backlog = on_backlog
@@ -69,6 +80,8 @@ class Writer:
         self._queue.append(rec)
         self._idle.clear()
         self._wake.set()
+        if len(self._queue) >= self._batch_size:
+            self._full.set()
         self._report()
 
     def _report(self) -> None:
@@ -104,6 +117,11 @@ class Writer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if len(self._queue) < self._batch_size and not self._draining and self._linger_s > 0:
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger_s):
+                        await self._full.wait()
             n = min(self._batch_size, len(self._queue))
             self._inflight = [self._queue.popleft() for _ in range(n)]
             await self._write(self._inflight)
@@ -133,11 +151,16 @@ class Writer:
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every submitted record is written; True if the backlog emptied in time."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while self.backlog:
-                    await self._idle.wait()
-                    await asyncio.sleep(0)   # let a concurrent submit clear _idle
+        self._draining += 1
+        self._full.set()   # no lingering: write what is queued now
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while self.backlog:
+                        await self._idle.wait()
+                        await asyncio.sleep(0)   # let a concurrent submit clear _idle
+        finally:
+            self._draining -= 1
         return self.backlog == 0
 
     async def close(self, timeout: float = 10.0) -> None:
