@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-#: SPEC.md "Metrics" table: exposed name -> (type, labels). The contract the code, the
+#: docs/metrics.md table: exposed name -> (type, labels). The contract the code, the
 #: dashboard and the alerts are checked against.
 SPEC_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "meterproxy_requests_total": ("counter", ("key", "user", "provider", "model", "status")),

@@ -1,4 +1,4 @@
-"""meterproxy.metrics: names/types/labels as in SPEC.md, record_usage, buckets, multiprocess."""
+"""meterproxy.metrics: names/types/labels as in docs/metrics.md, record_usage, buckets, multiprocess."""
 
 from __future__ import annotations
 

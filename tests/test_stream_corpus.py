@@ -1,4 +1,4 @@
-"""Metering is exact whatever the chunking (SPEC.md "Metering rules"): every recorded stream of
+"""Metering is exact whatever the chunking (docs/api.md, metering rules): every recorded stream of
 the corpus (tests/fixtures/streams/, shaped as each provider sends it), split at random points
 down to one byte per read, gives the same usage, the same text and the same output bytes, with
 and without include_usage injection (strip mode drops only the usage-only chunk it caused)."""
