@@ -383,6 +383,32 @@ async def test_a_trickle_of_records_is_written_in_few_transactions(tmp_path: Any
         await ledger.close(1)
 
 
+async def test_reads_flush_this_process_records_first(tmp_path: Any) -> None:
+    """GET /usage right after an answer shows it although the writer gathers records for a while:
+    every Ledger read flushes what was queued before it (and only that: records submitted during
+    the flush are not waited for). Failed before reads flushed (0 records until the linger ended)."""
+    from meterproxy.ledger.writer import Writer
+
+    store = open_ledger_store(f"sqlite://{tmp_path}/l.db")
+    ledger = Ledger(store)
+    await ledger.open(maintain=False)
+    ledger._writer = writer = Writer(store, linger_s=30.0)   # a linger no test would outwait
+    await writer.start()
+    try:
+        for i in range(3):
+            ledger.submit(make(i, D0 + i))
+        t0 = time.monotonic()
+        assert len((await ledger.records(None, 10))["records"]) == 3
+        assert (await ledger.summary("alice-laptop", "alice", D0))["day"]["requests"] == 3
+        assert time.monotonic() - t0 < 10
+        ledger.submit(make(3, D0 + 3))
+        flushing = asyncio.ensure_future(writer.flush(10))
+        ledger.submit(make(4, D0 + 4))       # arrives during the flush: not waited for
+        assert await flushing
+    finally:
+        await ledger.close(1)
+
+
 async def test_postgres_partitions_ahead_and_readiness(tmp_path: Any) -> None:
     """maintain() creates this month's and the next two months' partitions; a stopped server makes
     ready() fail (/readyz 503) and writes queue; they land once it is back, exactly once."""

@@ -37,6 +37,9 @@ __all__ = [
 
 log = logging.getLogger("meterproxy.ledger")
 MAX_RECORDS_PAGE = 10_000
+# Reads wait this long at most for this process's queued records (the writer gathers up to 200 ms
+# of them per transaction); with the database down they answer from what is committed.
+READ_FLUSH_S = 1.0
 MAINTAIN_EVERY_S = 3600.0
 
 
@@ -83,6 +86,10 @@ class Ledger:
         """Start the background writer (no schema check: `open` does both)."""
         await self._writer.start()
 
+    async def flush(self, timeout: float = 1.0) -> bool:
+        """Write the records submitted so far now and wait for them (see Writer.flush)."""
+        return await self._writer.flush(timeout)
+
     async def drain(self, timeout: float) -> bool:
         """Wait until the backlog is empty; True if it emptied within `timeout` seconds."""
         return await self._writer.drain(timeout)
@@ -114,7 +121,10 @@ class Ledger:
         await self.store.ping()
 
     async def summary(self, key: str, user: str, now: float) -> dict[str, UsageJSON]:
-        """GET /usage: {"day", "month", "user_day", "user_month"} usage objects (UTC windows)."""
+        """GET /usage: {"day", "month", "user_day", "user_month"} usage objects (UTC windows).
+        Like every read here, it first flushes this process's queued records (READ_FLUSH_S at
+        most), so a client sees its own request right after the answer."""
+        await self._writer.flush(READ_FLUSH_S)
         return await summary(self.store, key, user, now)
 
     async def consumption(self, now: float) -> list[tuple[str, str, int, int, int]]:
@@ -133,6 +143,7 @@ class Ledger:
         QueryError (a ValueError) for a group_by field outside GROUP_FIELDS or a date out of range.
         """
         filters = {"user": user, "key": key, "team": team, "model": model, "provider": provider}
+        await self._writer.flush(READ_FLUSH_S)
         return await run_query(self.store, filters=filters, since=since, until=until,
                                group_by=group_by)
 
@@ -141,6 +152,7 @@ class Ledger:
         first, and the id to pass next. Raises ValueError for a malformed since_id."""
         limit = max(1, min(limit, MAX_RECORDS_PAGE))
         after = parse_record_id(since_id) if since_id else 0
+        await self._writer.flush(READ_FLUSH_S)
         page = await self.store.records(after, limit)
         nxt = str(page[-1][0]) if page else str(after)
         return {"records": [record_json(i, r) for i, r in page], "next_since_id": nxt}

@@ -46,6 +46,9 @@ class Writer:
         self._linger_s = linger_s
         self._full = asyncio.Event()   # a whole batch is queued, or a drain wants everything now
         self._draining = 0
+        self._submitted = 0            # records ever submitted ...
+        self._done = 0                 # ... and ever written or dropped (flush waits on these)
+        self._progress = asyncio.Event()
         self._on_write = on_write
         self.failing = False   # the last write attempt failed (readiness reads it)
         self._on_backlog = on_backlog
@@ -71,6 +74,7 @@ class Writer:
         if self.backlog >= self._max_backlog and self._queue:
             self._queue.popleft()
             self.dropped += 1
+            self._done += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.error("ledger backlog over %d records: dropped %d oldest so far",
                           self._max_backlog, self.dropped)
@@ -78,6 +82,7 @@ class Writer:
             # operation "ledger_drop" (meterproxy_store_errors_total; alert MeterproxyUsageDropped).
             self._report_error("ledger_drop")
         self._queue.append(rec)
+        self._submitted += 1
         self._idle.clear()
         self._wake.set()
         if len(self._queue) >= self._batch_size:
@@ -125,7 +130,10 @@ class Writer:
             n = min(self._batch_size, len(self._queue))
             self._inflight = [self._queue.popleft() for _ in range(n)]
             await self._write(self._inflight)
+            self._done += len(self._inflight)
             self._inflight = []
+            progress, self._progress = self._progress, asyncio.Event()
+            progress.set()
             if not self._queue:
                 self._idle.set()
             self._report()
@@ -148,6 +156,24 @@ class Writer:
                 self._store_failed(exc, failures)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def flush(self, timeout: float) -> bool:
+        """Write what was submitted before this call now (no lingering) and wait for it, but not for
+        what arrives meanwhile: a reader in this process sees this process's usage (GET /usage right
+        after a request), even under sustained load. True if it was written within `timeout`."""
+        target = self._submitted
+        if self._done >= target:
+            return True
+        self._draining += 1
+        self._full.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while self._done < target:
+                        await self._progress.wait()
+        finally:
+            self._draining -= 1
+        return self._done >= target
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every submitted record is written; True if the backlog emptied in time."""
