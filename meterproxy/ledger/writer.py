@@ -54,7 +54,9 @@ class Writer:
         self._on_backlog = on_backlog
         self._on_store_error = on_store_error
         self._max_backlog = max(1, max_backlog)
-        self._batch_size = max(1, batch_size)
+        # A batch (in flight) and the records gathered for the next one count against max_backlog:
+        # with a small cap, batches of the full size would drop records while one is being written.
+        self._batch_size = max(1, min(batch_size, self._max_backlog // 4))
         self._queue: deque[UsageRecord] = deque()
         self._inflight: list[UsageRecord] = []
         self._wake = asyncio.Event()
