@@ -4,6 +4,7 @@ SELECT, TLS, timeouts on a hung server, a killed server, cancelled callers, uvlo
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
@@ -376,7 +377,9 @@ def test_a_stalled_loop_is_not_a_timeout(redis_url: str, loop: str) -> None:
             await asyncio.get_running_loop().create_connection(_Staller, sock=a)
             for _ in range(10):
                 f = asyncio.ensure_future(c.execute_command("BLPOP", "q", 0.02))
-                await asyncio.sleep(0.001)
+                # Let the command reach Redis before the stall (a collector pause here, after a
+                # long suite, delayed the write past the deadline: a test artefact, not the bug).
+                await asyncio.sleep(0.005)
                 b.send(b"x")   # the loop stalls in _Staller; BLPOP answers during the stall
                 assert await f is None
         finally:
@@ -384,5 +387,9 @@ def test_a_stalled_loop_is_not_a_timeout(redis_url: str, loop: str) -> None:
             await c.aclose()
 
     factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
+    gc.disable()   # no collector pause inside the 100 ms deadline (the suite's heap is large by now)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+    finally:
+        gc.enable()
