@@ -95,8 +95,8 @@ def test_every_config_field_is_documented() -> None:
 def test_nothing_points_outside_the_repository() -> None:
     files = subprocess.run(["git", "ls-files"], cwd=str(ROOT), capture_output=True, text=True,
                            check=True).stdout.split()
-    hits = [f for f in files if (ROOT / f).is_file() and f != "tests/test_docs.py"
-            and "../shared" in (ROOT / f).read_text(errors="replace")]
+    outside = "../" + "shared"   # spelled in two parts so this file is not a hit itself
+    hits = [f for f in files if (ROOT / f).is_file() and outside in (ROOT / f).read_text(errors="replace")]
     assert hits == []
     # What users read names the repository's own reference, not a contract they do not have.
     user_facing = ["README.md", "CHANGELOG.md", "Dockerfile", "meterproxy/cli.py", *(
