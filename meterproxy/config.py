@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from meterproxy.limits import Limits
 from meterproxy.pricing import Price, PriceTable
 from meterproxy.pricing_file import FileReport, load_pricing_file
+from meterproxy.store.sql import redact
 from meterproxy.transport.origin import Origin, TLSFiles
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -543,9 +544,9 @@ def summary(cfg: Config) -> str:
     """One screen describing a loaded config, for `check-config`."""
     r = cfg.raw
     lines = [f"config OK: {cfg.source}",
-             f"  store: {'redis ' + _redact(r.store.url) if r.store.url else 'in-process'} "
+             f"  store: {'redis ' + redact(r.store.url) if r.store.url else 'in-process'} "
              f"(on_error: {r.store.on_error})",
-             f"  ledger: {_redact(cfg.ledger_url)} (migrate: {r.ledger.migrate}, retention: "
+             f"  ledger: {redact(cfg.ledger_url)} (migrate: {r.ledger.migrate}, retention: "
              f"{r.ledger.retention_days} days, exporters: {len(r.ledger.export)})",
              f"  providers: {len(r.providers)}"]
     lines += [f"    {n}: {p.base_url} paths={','.join(p.paths)}" for n, p in r.providers.items()]
@@ -558,8 +559,3 @@ def summary(cfg: Config) -> str:
               f"  users: {len(r.users)}", f"  keys: {len(r.keys)}",
               f"  admin key: {'set' if r.admin.key_sha256 else 'not set (/admin/* disabled)'}"]
     return "\n".join(lines)
-
-
-def _redact(url: str | None) -> str:
-    """Hide a password in a store URL."""
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url or "")

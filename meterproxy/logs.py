@@ -25,6 +25,7 @@ import orjson
 
 from meterproxy import __version__
 from meterproxy.config import Config, Principal
+from meterproxy.store.sql import redact
 
 log = logging.getLogger("meterproxy")
 access_log = logging.getLogger("meterproxy.access")
@@ -37,12 +38,6 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_.:/@+*-]*$")
 _listener: logging.handlers.QueueListener | None = None
 _queue: queue.SimpleQueue[Any] | None = None
 _PID = 0
-
-
-def redact_url(url: str) -> str:
-    """`url` without its password (user:password@ and ?password=)."""
-    url = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
 
 
 _second: list[Any] = [-1, ""]   # strftime once per second, not once per line
@@ -149,8 +144,8 @@ def _host(url: str) -> str:
 
 def startup(cfg: Config, host: str, port: int, workers: int) -> None:
     """The one startup line: version, listen address, limiter store, ledger, providers."""
-    store = redact_url(cfg.store.url) if cfg.store.url else "in-process"
-    ledger = redact_url(cfg.ledger_url)
+    store = redact(cfg.store.url) if cfg.store.url else "in-process"
+    ledger = redact(cfg.ledger_url)
     providers = ", ".join(f"{n}={_host(p.base_url)}" for n, p in cfg.raw.providers.items())
     log.info("meterproxy %s listening on http://%s:%d (workers %d); limiter store: %s; ledger: %s; "
              "providers: %s; config: %s", __version__, host, port, workers, store, ledger, providers,

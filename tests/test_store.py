@@ -57,3 +57,9 @@ def test_urls() -> None:
     assert "s3cret" not in open_ledger_store("postgresql://u:s3cret@h/db").url
     with pytest.raises(ValueError):
         open_ledger_store("mysql://h/db")
+
+
+def test_redact_every_password_form() -> None:
+    assert redact("postgresql://mp:s3cret@db:5432/mp") == "postgresql://mp:***@db:5432/mp"
+    assert redact("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact("postgresql://db/mp?user=a&password=s3cret") == "postgresql://db/mp?user=a&password=***"

@@ -17,6 +17,8 @@ def sqlite_path(url: str, base_dir: str | Path = ".") -> Path:
 
 
 def redact(url: str) -> str:
-    """The URL without its password (for logs and check-config)."""
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+    """A store or ledger URL without its password (user:password@ and ?password=), for logs,
+    check-config and errors: the one redaction every place that prints a URL uses."""
+    url = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
 

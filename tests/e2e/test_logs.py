@@ -101,9 +101,3 @@ def test_text_line_stays_one_line() -> None:
     assert line.endswith('request_id="r 1" key=k user=u provider=p model="evil\\"\\nFAKE line" status=200 '
                          "source=provider prompt_tokens=1 completion_tokens=2 cost_usd=0.000000001 "
                          "duration_ms=3 bytes_in=4")
-
-
-def test_redact_url() -> None:
-    assert logs.redact_url("postgresql://mp:s3cret@db:5432/mp") == "postgresql://mp:***@db:5432/mp"
-    assert logs.redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
-    assert logs.redact_url("postgresql://db/mp?user=a&password=s3cret") == "postgresql://db/mp?user=a&password=***"
