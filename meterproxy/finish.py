@@ -86,7 +86,9 @@ async def _decide(state: AppState, call: Call, out: Outcome) -> Usage:
     except Exception:   # e.g. an estimate that failed: record what arrived rather than nothing
         log.exception("usage of request %s undetermined; recording what arrived", call.request_id)
         usage = out.usage or Usage()
-    out.cost_nano, out.priced = call.cfg.prices.cost_nano(call.model, usage) if call.model else (0, True)
+    # Only what is metered (a metered endpoint, a run's poll) is priced: pass-through needs no price.
+    priceable = call.model and (call.metered or call.poll_uid is not None)
+    out.cost_nano, out.priced = call.cfg.prices.cost_nano(call.model, usage) if priceable else (0, True)
     out.billed = usage
     return usage
 
@@ -168,8 +170,7 @@ async def _finish(state: AppState, call: Call, out: Outcome) -> None:
                    status=status, source=usage.source, prompt=usage.prompt,
                    cached_prompt=usage.cached_prompt, completion=usage.completion,
                    reasoning=usage.reasoning, cost_usd=nano_to_usd(cost_nano),
-                   # pass-through (not a metered path nor a run's poll) needs no price
-                   priced=out.priced or not call.model or not (call.metered or call.poll_uid is not None),
+                   priced=out.priced,
                    cache_write=usage.cache_write)
     m.child(m.duration, call.provider.name, model, "true" if out.stream else "false").observe(duration)
     if out.ttft is not None:
